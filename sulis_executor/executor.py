@@ -1,0 +1,300 @@
+"""`SulisDaskExecutor`: a `concurrent.futures.Executor` that runs on Dask."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future
+from typing import Any, TypeVar
+
+from . import _remote
+from ._engine import Engine, rebuild_exception
+from ._quiet import silence_dask_logs
+from .config import ExecutorOptions, resolve_options
+from .errors import BrokenSulisExecutor, ClusterStartupTimeout
+from .launchers import choose_launch_mode, make_launcher
+
+__all__ = ["SulisDaskExecutor"]
+
+logger = logging.getLogger("sulis_executor")
+
+T = TypeVar("T")
+
+
+def _chunks(iterator: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
+
+
+def _shutdown_engine(engine: Engine) -> None:
+    # Used by weakref.finalize: an executor garbage collected, or still open at
+    # interpreter exit, lets running work finish only briefly, then goes.
+    engine.close(timeout=10)
+
+
+class SulisDaskExecutor(Executor):
+    """An executor that runs calls asynchronously on a Dask cluster.
+
+    It is a drop-in replacement for
+    :class:`concurrent.futures.ProcessPoolExecutor`: the positional arguments
+    are the same, and so is the behaviour of ``submit``, ``map`` and
+    ``shutdown``. Where the cluster comes from is decided by the keyword-only
+    options (see :mod:`sulis_executor.config`): a local cluster of worker
+    processes by default, or the SLURM allocation the script runs in.
+
+    Args:
+        max_workers: Worker processes of a local cluster. Defaults to the CPUs
+            this process may use. Must be greater than 0.
+        mp_context: Accepted for compatibility; workers are started by Dask's
+            nanny, whose start method is ``distributed.worker.multiprocessing-method``.
+        initializer: Called once in each worker process, including restarted
+            ones, before its first task. If it fails the executor is broken.
+        initargs: Arguments for ``initializer``.
+        max_tasks_per_child: Not supported yet; passing it raises
+            ``NotImplementedError`` rather than silently ignoring it.
+        **options: Launch and cluster options; see ``sulis_executor.config``.
+    """
+
+    def __init__(
+        self,
+        max_workers: int | None = None,
+        mp_context: Any = None,
+        initializer: Callable[..., object] | None = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        max_tasks_per_child: int | None = None,
+        **options: Any,
+    ) -> None:
+        if max_workers is not None:
+            if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+                raise TypeError(f"max_workers must be an integer, not {max_workers!r}")
+            if max_workers <= 0:
+                raise ValueError(f"max_workers must be greater than 0, got {max_workers}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be a callable, not {initializer!r}")
+        if max_tasks_per_child is not None:
+            raise NotImplementedError(
+                "max_tasks_per_child is not supported by SulisDaskExecutor yet; "
+                "restart workers with ex.client.restart() if you need fresh processes"
+            )
+        self._options: ExecutorOptions = resolve_options(
+            dict(options, max_workers=max_workers), os.environ
+        )
+        silence_dask_logs(self._options.verbose)
+        self._shutdown_lock = threading.Lock()
+        self._shutdown = False
+        self._teardown_thread: threading.Thread | None = None
+        self._mode, reason = choose_launch_mode(self._options, os.environ)
+        logger.info("launch mode %r: %s", self._mode, reason)
+        self._launcher = make_launcher(self._mode, self._options)
+        self._engine = self._start(initializer, tuple(initargs))
+        self._finalizer = weakref.finalize(self, _shutdown_engine, self._engine)
+
+    def _start(self, initializer: Callable[..., object] | None, initargs: tuple[Any, ...]) -> Engine:
+        from distributed import Client
+
+        started = time.monotonic()
+        deadline = started + self._options.timeout
+        try:
+            cluster = self._launcher.start(self._options.timeout)
+            client = Client(
+                cluster.target,
+                security=cluster.security,
+                timeout=max(1.0, deadline - time.monotonic()),
+                set_as_default=True,
+            )
+        except Exception:
+            self._launcher.close(timeout=10)
+            raise
+        token = uuid.uuid4().hex
+        try:
+            if initializer is not None:
+                client.register_plugin(
+                    _remote.InitializerPlugin(initializer, initargs),
+                    name=_remote.initializer_plugin_name(token),
+                )
+            if cluster.min_workers:
+                self._wait_for_workers(client, cluster.min_workers, deadline, cluster.description)
+            engine = Engine(client, self._launcher, token, initializer is not None)
+        except BaseException:
+            client.close()
+            self._launcher.close(timeout=10)
+            raise
+        logger.info(
+            "%s ready: %d workers in %.2f s",
+            cluster.description,
+            len(client.scheduler_info()["workers"]),
+            time.monotonic() - started,
+        )
+        return engine
+
+    @staticmethod
+    def _wait_for_workers(client: Any, count: int, deadline: float, description: str) -> None:
+        try:
+            client.wait_for_workers(count, timeout=max(0.1, deadline - time.monotonic()))
+        except TimeoutError:
+            arrived = len(client.scheduler_info()["workers"])
+            raise ClusterStartupTimeout(
+                f"only {arrived} of {count} workers of {description} arrived before the "
+                f"timeout; check the workers' output for errors, that they can reach the "
+                f"scheduler on the chosen interface, or raise timeout="
+            ) from None
+
+    # -- introspection ----------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The :class:`distributed.Client` this executor submits through."""
+        return self._engine.client
+
+    @property
+    def num_workers(self) -> int:
+        """Workers connected to the scheduler now."""
+        return len(self._engine.client.scheduler_info()["workers"])
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The dashboard URL, or ``None`` when the dashboard is off."""
+        return self._launcher.dashboard_link()
+
+    @property
+    def launch_mode(self) -> str:
+        """The launch mode in use (what ``launch='auto'`` resolved to)."""
+        return self._mode
+
+    # -- the Executor API -------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._engine.broken is not None:
+            raise self._engine._broken_error()
+        if self._shutdown:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        with self._shutdown_lock:
+            self._check_usable()
+            if not callable(fn):
+                raise TypeError(f"submit() needs a callable as its first argument, not {fn!r}")
+            return self._engine.submit_calls(fn, args, kwargs)
+
+    submit.__doc__ = Executor.submit.__doc__
+
+    def map(  # type: ignore[override]
+        self,
+        fn: Callable[..., T],
+        *iterables: Iterable[Any],
+        timeout: float | None = None,
+        chunksize: int = 1,
+        buffersize: int | None = None,
+    ) -> Iterator[T]:
+        """Return an iterator equivalent to ``map(fn, *iterables)``.
+
+        As in Python 3.14: results come in order; ``timeout`` counts from this
+        call; ``chunksize`` items go to the cluster as one task; without
+        ``buffersize`` every item is submitted at once, with it at most
+        ``buffersize`` chunks are in flight and the iterables are consumed
+        lazily. Closing or dropping the iterator cancels what is left.
+        """
+        if buffersize is not None:
+            if isinstance(buffersize, bool) or not isinstance(buffersize, int):
+                raise TypeError(f"buffersize must be an integer or None, not {buffersize!r}")
+            if buffersize < 1:
+                raise ValueError(f"buffersize must be None or > 0, got {buffersize}")
+        if isinstance(chunksize, bool) or not isinstance(chunksize, int):
+            raise TypeError(f"chunksize must be an integer, not {chunksize!r}")
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if not callable(fn):
+            raise TypeError(f"map() needs a callable as its first argument, not {fn!r}")
+        end_time = None if timeout is None else timeout + time.monotonic()
+        with self._shutdown_lock:
+            self._check_usable()
+        chunks = _chunks(zip(*iterables), chunksize)
+        engine = self._engine
+        index = itertools.count(0, chunksize)
+
+        def submit(chunk: list[tuple[Any, ...]]) -> Future[Any]:
+            if self_ref() is None or self_ref()._shutdown:  # type: ignore[union-attr]
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            return engine.submit_chunk(fn, chunk, next(index))
+
+        self_ref = weakref.ref(self)
+        window = buffersize if buffersize is not None else None
+        pending: collections.deque[Future[Any]] = collections.deque(
+            submit(chunk) for chunk in (chunks if window is None else itertools.islice(chunks, window))
+        )
+        return _ordered_results(pending, chunks if window is not None else None, submit, end_time)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._shutdown_lock:
+            self._shutdown = True
+        if cancel_futures:
+            self._engine.cancel_pending()
+        if wait:
+            teardown = self._teardown_thread
+            if teardown is not None:
+                teardown.join()
+            self._engine.wait_idle()
+            self._finalizer()
+            return
+        with self._shutdown_lock:
+            if self._teardown_thread is None and self._finalizer.alive:
+                # Not a daemon: like ProcessPoolExecutor, the interpreter waits
+                # for work that was already submitted before it exits.
+                self._teardown_thread = threading.Thread(
+                    target=_finish_then_close,
+                    args=(self._engine, self._finalizer),
+                    name="sulis-executor-shutdown",
+                )
+                self._teardown_thread.start()
+
+    shutdown.__doc__ = Executor.shutdown.__doc__
+
+
+def _finish_then_close(engine: Engine, finalizer: weakref.finalize) -> None:
+    engine.wait_idle()
+    finalizer()
+
+
+def _ordered_results(
+    pending: collections.deque[Future[Any]],
+    more_chunks: Iterator[list[tuple[Any, ...]]] | None,
+    submit: Callable[[list[tuple[Any, ...]]], Future[Any]],
+    end_time: float | None,
+) -> Iterator[Any]:
+    try:
+        while pending:
+            future = pending.popleft()
+            try:
+                if end_time is None:
+                    outcomes = future.result()
+                else:
+                    outcomes = future.result(end_time - time.monotonic())
+            except TimeoutError:
+                future.cancel()
+                raise
+            finally:
+                del future
+            if more_chunks is not None:
+                chunk = next(more_chunks, None)
+                if chunk is not None:
+                    pending.append(submit(chunk))
+            for outcome in outcomes:
+                if outcome[0] == _remote.OK:
+                    yield outcome[1]
+                else:
+                    raise rebuild_exception(outcome[1], outcome[2])
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+# BrokenSulisExecutor is part of this module's story; re-exported for convenience.
+__all__ += ["BrokenSulisExecutor"]

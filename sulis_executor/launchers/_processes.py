@@ -1,0 +1,120 @@
+"""Worker processes started as commands, and kept alive until closed.
+
+Shared by the launchers that start workers themselves. Each slot runs one
+command; when its process dies while the cluster is open (killed, or
+crashed by a task), a fresh one takes its place, as a Dask nanny would. A
+slot that keeps dying straight after start is given up, so a worker that
+cannot start does not spin forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+logger = logging.getLogger("sulis_executor")
+
+#: A slot whose process died this many times within QUICK_DEATH seconds of
+#: starting is given up.
+MAX_QUICK_DEATHS = 5
+QUICK_DEATH = 5.0
+
+
+def worker_command(scheduler: str, name: str, extra: Sequence[str] = ()) -> list[str]:
+    return [sys.executable, "-m", "sulis_executor.worker", scheduler, "--name", name, *extra]
+
+
+class WorkerProcesses:
+    """Run ``command_for(slot, generation)`` in each slot, restarting on death."""
+
+    def __init__(self, slots: int, command_for: Callable[[int, int], list[str]],
+                 env: dict[str, str] | None = None) -> None:
+        self._command_for = command_for
+        self._env = env
+        self._lock = threading.Lock()
+        self._closing = False
+        self._procs: list[subprocess.Popen[bytes] | None] = [None] * slots
+        self._threads = [
+            threading.Thread(target=self._supervise, args=(slot,), daemon=True,
+                             name=f"sulis-executor-worker-{slot}")
+            for slot in range(slots)
+        ]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [p.pid for p in self._procs if p is not None and p.poll() is None]
+
+    def _spawn(self, slot: int, generation: int) -> subprocess.Popen[bytes] | None:
+        with self._lock:
+            if self._closing:
+                return None
+            # Output is inherited: what tasks print is the user's output, as
+            # with ProcessPoolExecutor. Dask's logs are silenced in the worker.
+            proc = subprocess.Popen(
+                self._command_for(slot, generation), stdin=subprocess.DEVNULL, env=self._env
+            )
+            self._procs[slot] = proc
+            return proc
+
+    def _supervise(self, slot: int) -> None:
+        quick_deaths = 0
+        for generation in range(1_000_000):
+            started = time.monotonic()
+            proc = self._spawn(slot, generation)
+            if proc is None:
+                return
+            returncode = proc.wait()
+            with self._lock:
+                if self._closing:
+                    return
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started < QUICK_DEATH else 0
+            if quick_deaths >= MAX_QUICK_DEATHS:
+                logger.error("worker slot %d died %d times right after starting (exit %s); "
+                             "not restarting it", slot, quick_deaths, returncode)
+                return
+            logger.info("worker in slot %d exited with %s; starting a new one", slot, returncode)
+
+    def close(self, timeout: float) -> None:
+        """SIGTERM every worker, then SIGKILL what is left after ``timeout``."""
+        with self._lock:
+            self._closing = True
+            procs = [p for p in self._procs if p is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                try:
+                    proc.send_signal(signal.SIGTERM)
+                except OSError:
+                    pass
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for thread in self._threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(1.0)
+
+
+def pythonpath_env() -> dict[str, str]:
+    """The environment for worker commands: ours, with our ``sys.path`` first
+    entry kept, so a package imported from the current directory (as in
+    ``python script.py``) is importable in the workers too."""
+    env = dict(os.environ)
+    here = os.getcwd()
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if here not in paths:
+        paths.append(here)
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    return env

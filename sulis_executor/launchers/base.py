@@ -1,0 +1,46 @@
+"""The small interface every launch mode implements.
+
+A launcher gets a Dask scheduler to talk to, one way or another, and tears
+down whatever it started. The executor only ever sees a :class:`Cluster`.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """What a launcher hands to the executor.
+
+    ``target`` is what :class:`distributed.Client` connects to: a scheduler
+    address, or an in-process cluster object that shares its event loop.
+    ``expected_workers`` is how many workers the launcher promised; the
+    executor waits for ``min_workers`` of them before returning.
+    """
+
+    target: Any
+    security: Any = None
+    expected_workers: int | None = None
+    min_workers: int = 0
+    description: str = ""
+
+
+class Launcher(abc.ABC):
+    """Start (or find) a cluster, then close what was started."""
+
+    #: The name used for ``launch=`` and in logs.
+    name: str = ""
+
+    @abc.abstractmethod
+    def start(self, timeout: float) -> Cluster:
+        """Return a cluster to connect to, within ``timeout`` seconds or raise."""
+
+    @abc.abstractmethod
+    def close(self, timeout: float) -> None:
+        """Stop what :meth:`start` started; safe to call more than once."""
+
+    def dashboard_link(self) -> str | None:
+        return None

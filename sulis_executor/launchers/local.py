@@ -1,0 +1,95 @@
+"""``launch='local'``: a cluster of worker processes on this machine.
+
+This is what runs on a laptop, and wherever no SLURM allocation is found.
+The scheduler runs in this process; workers are single-threaded processes,
+like ``ProcessPoolExecutor``'s, started as fresh interpreters (see
+:mod:`sulis_executor.worker` for why) and restarted if they die.
+Everything binds to loopback unless an interface is named: a local cluster
+has no business listening on the network.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from ..config import ExecutorOptions
+from ._processes import WorkerProcesses, pythonpath_env, worker_command
+from .base import Cluster, Launcher
+
+
+def default_worker_count() -> int:
+    """The CPUs this process may use, as ``ProcessPoolExecutor`` counts them."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class LocalLauncher(Launcher):
+    name = "local"
+
+    def __init__(self, options: ExecutorOptions, security: object = None) -> None:
+        self._options = options
+        self._security = security
+        self._cluster = None
+        self._workers: WorkerProcesses | None = None
+        self.n_workers = options.max_workers or default_worker_count()
+
+    def start(self, timeout: float) -> Cluster:
+        from distributed import LocalCluster
+
+        options = self._options
+        bind = ["--interface", options.interface] if options.interface else ["--host", "127.0.0.1"]
+        self._cluster = LocalCluster(
+            n_workers=0,
+            processes=True,
+            scheduler_port=0,
+            dashboard_address=options.dashboard,
+            silence_logs=logging.INFO if options.verbose else logging.CRITICAL,
+            security=self._security,
+            **({"interface": options.interface} if options.interface else {"host": "127.0.0.1"}),
+        )
+        address = self._cluster.scheduler_address
+        extra = [
+            "--nthreads", str(options.nthreads or 1),
+            "--memory-limit", str(options.memory_limit if options.memory_limit is not None else "auto"),
+            *bind,
+        ]
+        if options.local_directory:
+            extra += ["--local-directory", options.local_directory]
+        if options.verbose:
+            extra.append("--verbose")
+        self._workers = WorkerProcesses(
+            self.n_workers,
+            lambda slot, generation: worker_command(address, f"local-{slot}-{generation}", extra),
+            env=pythonpath_env(),
+        )
+        self._workers.start()
+        return Cluster(
+            target=self._cluster,
+            security=self._security,
+            expected_workers=self.n_workers,
+            min_workers=self.n_workers,
+            description=f"a local cluster of {self.n_workers} worker processes",
+        )
+
+    def worker_pids(self) -> list[int]:
+        return self._workers.pids() if self._workers is not None else []
+
+    def close(self, timeout: float) -> None:
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            workers.close(timeout=min(timeout, 5.0))
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            cluster.close(timeout=timeout)
+
+    def dashboard_link(self) -> str | None:
+        if self._cluster is None or not self._options.dashboard:
+            return None
+        return self._cluster.dashboard_link
+
+
+del sys
