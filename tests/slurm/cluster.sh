@@ -14,6 +14,19 @@
 # must run as the `munge` user.  Tested with Debian 12 (SLURM 22.05, munge 0.5.15).
 #
 # Only stdout of `start` is meant for eval; all diagnostics go to stderr.
+#
+# Gotchas seen (SLURM 22.05 / Debian 12):
+# - MPI: `srun --mpi=pmi2` works with the PyPI mpich wheel (+ mpi4py) as is;
+#   without --mpi=pmi2 (MpiDefault=none) every rank is a singleton of size 1.
+#   --mpi=pmix is unusable (no libpmix); slurmd logs "can not load PMIx
+#   library" at start-up -- harmless.
+# - All nodes share one host name, so `hostname` in a task prints the same
+#   thing everywhere; use SLURMD_NODENAME (n1..n3) to tell nodes apart.
+# - The first job after a cold start waits ~3 s for the scheduler's first
+#   pass, and `sbatch --wait` polls with a growing interval, so it can return
+#   several seconds after the job ended; poll `scontrol show job` if it matters.
+# - `sinfo` against a dead controller retries for ~10 s, hence the pid-file
+#   checks before calling it.
 set -euo pipefail
 
 STATE_DIR=${SULIS_SLURM_DIR:-/tmp/sulis-slurm}
