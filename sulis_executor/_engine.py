@@ -1,26 +1,39 @@
 """The client-side machinery behind :class:`SulisDaskExecutor`.
 
-An :class:`Engine` owns the Dask client and the launcher. It turns batches of
-calls into cluster tasks, and cluster outcomes back into
-:class:`concurrent.futures.Future` states. It is kept apart from the executor
-object on purpose: threads and callbacks refer to the engine only, so an
-executor that is dropped can be garbage collected and its finalizer can shut
-the engine down.
+An :class:`Engine` owns the Dask client and the launcher. It keeps the work
+that was submitted in a queue on the client, sends it to the cluster in
+batches, and turns the outcomes back into :class:`concurrent.futures.Future`
+states.
 
-Locking rule: ``Engine._lock`` guards the bookkeeping only, and is never held
-across a call into the Dask client, whose event loop thread takes the same
-lock in the "running" event handler.
+Why a client-side queue. ``ProcessPoolExecutor`` keeps a few calls per
+worker in flight and the rest in its own queue; only queued calls can be
+cancelled, and a call counts as running once it has been handed to a worker.
+We do the same, with Dask tasks: at most ``2 x threads`` batches are on the
+cluster at once. That keeps every worker busy with one batch running and one
+ready, bounds what the scheduler holds however many calls are submitted, and
+lets calls that arrive faster than the cluster drains them leave together,
+as one cluster task (a task costs Dask about 2 ms; a call in a batch costs a
+few microseconds). Batches grow only while measured calls are short, so
+long calls still spread one per worker.
+
+The engine is kept apart from the executor object on purpose: threads and
+callbacks refer to the engine only, so an executor that is dropped can be
+garbage collected, and its finalizer shuts the engine down.
+
+Locking: ``_lock`` guards the queue and the in-flight table and is never held
+across a call into the Dask client; ``_send_lock`` serialises sending.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import queue
 import threading
 import time
 import uuid
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from typing import Any
 
 import cloudpickle
@@ -37,30 +50,43 @@ _STOP = object()
 #: warn about "large graphs".
 SCATTER_THRESHOLD = 1_000_000
 
+#: Batches of submitted calls aim to take about this long on a worker, which
+#: amortises Dask's per-task cost while keeping batches short enough that
+#: work stays spread over the workers.
+TARGET_BATCH_SECONDS = 0.02
+MAX_BATCH_CALLS = 4096
+
 
 class Call:
-    """One future the user (or ``map``) waits on, and whether the executor
-    has already called ``set_running_or_notify_cancel`` on it."""
+    """One future the user (or ``map``) waits on.
 
-    __slots__ = ("future", "notified", "batch")
+    For ``submit`` the body is ``(fn, args, kwargs)``; for a ``map`` chunk it
+    is ``(fn, [args, ...])`` and the future's result is the list of outcomes.
+    ``notified`` records that ``set_running_or_notify_cancel`` was called,
+    which must happen exactly once per future.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("future", "kind", "body", "notified", "batch", "first_index")
+
+    def __init__(self, kind: str, body: Any, first_index: int = 0) -> None:
         self.future: Future[Any] = Future()
+        self.kind = kind
+        self.body = body
         self.notified = False
         self.batch: Batch | None = None
+        self.first_index = first_index
 
 
 class Batch:
-    """A cluster task: several calls (kind CALLS) or one map chunk (CHUNK)."""
+    """One cluster task: several submitted calls, or one map chunk."""
 
-    __slots__ = ("batch_id", "kind", "calls", "dask_future", "live", "name")
+    __slots__ = ("batch_id", "kind", "calls", "dask_future", "name")
 
     def __init__(self, batch_id: str, kind: str, calls: list[Call], name: str) -> None:
         self.batch_id = batch_id
         self.kind = kind
         self.calls = calls
         self.dask_future: Any = None
-        self.live = len(calls)
         self.name = name
 
 
@@ -74,42 +100,46 @@ def _describe(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}".removeprefix("builtins.")
 
 
-def _find_unpicklable(labelled: list[tuple[str, object]]) -> tuple[str, object, Exception] | None:
-    for label, obj in labelled:
-        try:
-            cloudpickle.dumps(obj)
-        except Exception as error:
-            return label, obj, error
-    return None
-
-
-def pickle_payload(kind: str, body: Any, labelled: list[tuple[str, object]]) -> bytes:
-    """Pickle a batch, or raise :class:`UnpicklableError` naming the culprit.
-
-    ``labelled`` lists the parts to blame, each with a human description,
-    tried one by one only once pickling the whole has failed.
-    """
-    try:
-        return cloudpickle.dumps((kind, body))
-    except Exception as error:
-        culprit = _find_unpicklable(labelled)
-        if culprit is None:
-            raise UnpicklableError(f"the task could not be pickled: {error}") from error
-        label, obj, inner = culprit
-        raise UnpicklableError(
-            f"{label}, of type {_describe(obj)}, cannot be pickled to send it to a worker "
-            f"({inner}). Pass picklable objects (module-level functions, plain data), "
-            f"or create this object inside the task."
-        ) from inner
-
-
-def _function_name(fn: object) -> str:
+def function_name(fn: object) -> str:
     name = getattr(fn, "__name__", None) or type(fn).__name__
     return "".join(c if c.isalnum() or c in "_." else "_" for c in name)[:60] or "call"
 
 
+def _suspects(call: Call) -> list[tuple[str, object]]:
+    """The parts of a call to blame, each described, if it fails to pickle."""
+    fn = call.body[0]
+    name = function_name(fn)
+    suspects: list[tuple[str, object]] = [(f"the function {fn!r}", fn)]
+    if call.kind == _remote.CALLS:
+        _, args, kwargs = call.body
+        suspects += [(f"positional argument {i} of {name}()", a) for i, a in enumerate(args)]
+        suspects += [(f"keyword argument {k!r} of {name}()", v) for k, v in kwargs.items()]
+    else:
+        for offset, args in enumerate(call.body[1]):
+            item = call.first_index + offset
+            suspects += [(f"argument {j} of item {item} given to map({name})", a) for j, a in enumerate(args)]
+    return suspects
+
+
+def unpicklable_error(call: Call, error: Exception) -> UnpicklableError:
+    for label, obj in _suspects(call):
+        try:
+            cloudpickle.dumps(obj)
+        except Exception as inner:
+            failure = UnpicklableError(
+                f"{label}, of type {_describe(obj)}, cannot be pickled to send it to a "
+                f"worker ({inner}). Pass picklable objects (module-level functions, plain "
+                f"data), or create this object inside the task."
+            )
+            failure.__cause__ = inner
+            return failure
+    failure = UnpicklableError(f"the call could not be pickled: {error}")
+    failure.__cause__ = error
+    return failure
+
+
 class Engine:
-    """Submits batches to a Dask cluster and settles their futures."""
+    """Queues calls, sends them to a Dask cluster in batches, settles futures."""
 
     def __init__(self, client: Any, launcher: Any, token: str, has_initializer: bool) -> None:
         self.client = client
@@ -117,61 +147,157 @@ class Engine:
         self.token = token
         self.has_initializer = has_initializer
         self.broken: str | None = None
+        self._broken_tb = ""
         self._lock = threading.Lock()
-        self._batches: dict[str, Batch] = {}
+        self._send_lock = threading.Lock()
+        self._queue: collections.deque[Call] = collections.deque()
+        self._in_flight: dict[str, Batch] = {}
         self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._counter = itertools.count()
         self._closed = False
         self._close_lock = threading.Lock()
-        client.subscribe_topic(_remote.running_topic(token), self._on_running_event)
+        # Measured seconds per submitted call on a worker (exponential average).
+        self._seconds_per_call: float | None = None
+        self._capacity = 2
+        self._capacity_checked = 0.0
+        self._refresh_capacity()
         self._collector = threading.Thread(
             target=self._collect_loop, name=f"sulis-executor-results-{token[:8]}", daemon=True
         )
         self._collector.start()
 
-    # -- submitting -------------------------------------------------------
+    # -- accepting work ----------------------------------------------------
 
-    def submit_calls(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
-        call = Call()
-        labelled: list[tuple[str, object]] = [(f"the function {fn!r}", fn)]
-        labelled += [(f"positional argument {i} of {_function_name(fn)}()", a) for i, a in enumerate(args)]
-        labelled += [(f"keyword argument {k!r} of {_function_name(fn)}()", v) for k, v in kwargs.items()]
-        self._dispatch(_remote.CALLS, [(fn, args, kwargs)], [call], _function_name(fn), labelled)
-        return call.future
+    def submit_call(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
+        return self._enqueue(Call(_remote.CALLS, (fn, args, kwargs)))
 
     def submit_chunk(self, fn: Any, chunk: list[tuple[Any, ...]], first_index: int) -> Future[Any]:
-        """Run ``fn`` over ``chunk``; the future's result is the outcomes list."""
-        call = Call()
-        labelled: list[tuple[str, object]] = [(f"the function {fn!r}", fn)]
-        for offset, args in enumerate(chunk):
-            labelled += [
-                (f"argument {j} of item {first_index + offset} passed to map()", a)
-                for j, a in enumerate(args)
-            ]
-        self._dispatch(_remote.CHUNK, (fn, chunk), [call], _function_name(fn), labelled)
+        """Run ``fn`` over ``chunk`` as one task; the result is its outcomes."""
+        return self._enqueue(Call(_remote.CHUNK, (fn, chunk), first_index))
+
+    def _enqueue(self, call: Call) -> Future[Any]:
+        call.future.add_done_callback(lambda _, call=call: self._on_call_done(call))
+        with self._lock:
+            self._queue.append(call)
+        self._pump()
         return call.future
 
-    def _dispatch(
-        self, kind: str, body: Any, calls: list[Call], name: str, labelled: list[tuple[str, object]]
-    ) -> None:
+    def _on_call_done(self, call: Call) -> None:
+        # A call cancelled while queued: tell the waiters (wait, as_completed)
+        # now, since the sender will skip it and never do so.
+        if call.future.cancelled():
+            with self._lock:
+                self._notify_locked(call)
+
+    def _notify_locked(self, call: Call) -> bool:
+        """Move a pending future to RUNNING (True), or tell the waiters of a
+        cancelled one (False): exactly once per future, under ``_lock``."""
+        if call.notified:
+            return call.future.running()
+        call.notified = True
+        return call.future.set_running_or_notify_cancel()
+
+    # -- sending -----------------------------------------------------------
+
+    def _refresh_capacity(self) -> None:
+        now = time.monotonic()
+        if now - self._capacity_checked < 0.5:
+            return
+        self._capacity_checked = now
+        try:
+            info = self.client.scheduler_info(n_workers=0)
+            threads = int(info.get("total_threads") or 0)
+        except Exception:
+            return
+        self._capacity = max(2, 2 * threads)
+
+    def _batch_size(self, queued: int) -> int:
+        """How many submitted calls go in the next batch."""
+        per_call = self._seconds_per_call
+        if per_call is None:
+            return 1  # nothing measured yet: calls may be long, so spread them
+        by_time = int(TARGET_BATCH_SECONDS / max(per_call, 1e-7))
+        # Leave some of the queue for the other workers.
+        fair_share = -(-queued // max(1, self._capacity // 2))
+        return max(1, min(by_time, fair_share, MAX_BATCH_CALLS))
+
+    def _take_batch_locked(self) -> list[Call]:
+        """Pop the next batch's calls, skipping cancelled ones, and mark them
+        running: from here on they belong to the cluster, as in
+        ``ProcessPoolExecutor`` once a call is handed to a worker."""
+        calls: list[Call] = []
+        limit = None
+        while self._queue:
+            call = self._queue[0]
+            if calls and (call.kind == _remote.CHUNK or calls[0].kind == _remote.CHUNK):
+                break
+            self._queue.popleft()
+            if not self._notify_locked(call):
+                continue  # cancelled while queued
+            calls.append(call)
+            if call.kind == _remote.CHUNK:
+                break
+            if limit is None:
+                limit = self._batch_size(len(self._queue) + 1)
+            if len(calls) >= limit:
+                break
+        return calls
+
+    def _pump(self) -> None:
+        """Send batches while the cluster has room for them."""
+        if not self._send_lock.acquire(blocking=False):
+            # Another thread is sending; it loops until there is no room or
+            # no work, so what we queued will be picked up.
+            return
+        try:
+            while True:
+                self._refresh_capacity()
+                with self._lock:
+                    if self.broken is not None or self._closed:
+                        return
+                    if len(self._in_flight) >= self._capacity or not self._queue:
+                        return
+                    calls = self._take_batch_locked()
+                if calls:
+                    self._send(calls)
+        finally:
+            self._send_lock.release()
+        # Work may have been queued while we held the send lock and returned.
+        with self._lock:
+            more = bool(self._queue) and len(self._in_flight) < self._capacity
+        if more and not self._closed:
+            self._pump()
+
+    def _send(self, calls: list[Call]) -> None:
+        kind = calls[0].kind
+        name = function_name(calls[0].body[0])
         batch = Batch(f"{name}-{next(self._counter)}-{uuid.uuid4().hex[:12]}", kind, calls, name)
+        body: Any = calls[0].body if kind == _remote.CHUNK else [c.body for c in calls]
+        try:
+            payload: Any = cloudpickle.dumps((kind, body))
+        except Exception:
+            # Find the culprit call by call, fail it, and send the rest.
+            good = []
+            for call in calls:
+                try:
+                    cloudpickle.dumps(call.body)
+                    good.append(call)
+                except Exception as error:
+                    self._set(call, unpicklable_error(call, error), error=True)
+            if not good or len(good) == len(calls):
+                return
+            self._send(good)
+            return
         for call in calls:
             call.batch = batch
-            call.future.add_done_callback(lambda _, call=call: self._on_call_done(call))
-        try:
-            payload: Any = pickle_payload(kind, body, labelled)
-        except UnpicklableError as error:
-            self._settle(batch, error)
-            return
         with self._lock:
-            self._batches[batch.batch_id] = batch
+            self._in_flight[batch.batch_id] = batch
         try:
             if len(payload) > SCATTER_THRESHOLD:
                 payload = self.client.scatter(payload, hash=False, direct=False)
             dask_future = self.client.submit(
                 _remote.run_batch,
                 payload,
-                batch.batch_id,
                 self.token,
                 self.has_initializer,
                 key=batch.batch_id,
@@ -179,69 +305,34 @@ class Engine:
             )
         except Exception as error:
             with self._lock:
-                self._batches.pop(batch.batch_id, None)
-            self._settle(batch, BrokenSulisExecutor(f"could not submit to the cluster: {error}"))
+                self._in_flight.pop(batch.batch_id, None)
+            self._settle(batch, BrokenSulisExecutor(f"could not submit work to the cluster: {error}"))
             return
         batch.dask_future = dask_future
         dask_future.add_done_callback(self._done.put)
 
-    # -- events from the cluster -----------------------------------------
-
-    def _on_running_event(self, event: tuple[float, str]) -> None:
-        # Runs on the client's event loop: bookkeeping only, no client calls.
-        _, batch_id = event
-        with self._lock:
-            batch = self._batches.get(batch_id)
-            if batch is not None:
-                for call in batch.calls:
-                    self._notify_locked(call)
-
-    def _notify_locked(self, call: Call) -> bool:
-        """Move a pending future to RUNNING (True), or tell the waiters of a
-        cancelled one (False). Exactly once per future, under ``_lock``."""
-        if call.notified:
-            return call.future.running()
-        call.notified = True
-        return call.future.set_running_or_notify_cancel()
-
-    def _on_call_done(self, call: Call) -> None:
-        # Runs in whichever thread finished or cancelled the future.
-        if not call.future.cancelled():
-            return
-        to_cancel = None
-        with self._lock:
-            self._notify_locked(call)
-            batch = call.batch
-            if batch is not None and self._batches.get(batch.batch_id) is batch:
-                batch.live -= 1
-                if batch.live == 0:
-                    del self._batches[batch.batch_id]
-                    to_cancel = batch.dask_future
-        if to_cancel is not None:
-            try:
-                to_cancel.cancel()
-            except Exception:  # the client may be closing; the task dies with it
-                logger.debug("could not cancel %s", to_cancel.key, exc_info=True)
-
-    # -- results ----------------------------------------------------------
+    # -- results -----------------------------------------------------------
 
     def _collect_loop(self) -> None:
         while True:
-            first = self._done.get()
-            items = [first]
+            items = [self._done.get()]
             while True:
                 try:
                     items.append(self._done.get_nowait())
                 except queue.Empty:
                     break
             stop = any(item is _STOP for item in items)
-            self._collect([item for item in items if item is not _STOP])
+            try:
+                self._collect([item for item in items if item is not _STOP])
+            except Exception:  # never let the collector die: futures would hang
+                logger.exception("sulis_executor: error while collecting results")
             if stop:
                 return
+            self._pump()
 
     def _collect(self, dask_futures: list[Any]) -> None:
         with self._lock:
-            pairs = [(f, self._batches.pop(f.key, None)) for f in dask_futures]
+            pairs = [(f, self._in_flight.pop(f.key, None)) for f in dask_futures]
         pairs = [(f, b) for f, b in pairs if b is not None]
         finished = [(f, b) for f, b in pairs if f.status == "finished"]
         if finished:
@@ -254,12 +345,11 @@ class Engine:
         for dask_future, batch in pairs:
             if dask_future.status != "finished":
                 self._settle(batch, self._failure_of(dask_future, batch))
-        for dask_future, _ in pairs:
             dask_future.release()
 
     def _gather_one(self, dask_future: Any) -> Any:
         try:
-            return dask_future.result()
+            return dask_future.result(timeout=30)
         except BaseException as error:
             return error
 
@@ -273,32 +363,37 @@ class Engine:
                 error = inner
             if isinstance(error, KilledWorker):
                 died = WorkerDiedError(
-                    f"task {batch.batch_id} ({batch.name}) failed because the worker running "
-                    f"it died, on every one of Dask's attempts (see "
-                    f"distributed.scheduler.allowed-failures). A task that crashes its "
+                    f"task {batch.batch_id} (calling {batch.name}) failed because the worker "
+                    f"process running it died, on every one of Dask's attempts (see "
+                    f"distributed.scheduler.allowed-failures). A call that crashes its "
                     f"process (os._exit, a segfault, running out of memory) does this."
                 )
                 died.__cause__ = error
                 return died
             return error if isinstance(error, BaseException) else BrokenSulisExecutor(str(error))
+        if dask_future.status == "cancelled" and self._closed:
+            return CancelledError()
         return BrokenSulisExecutor(
             f"task {batch.batch_id} was lost: the connection to the Dask scheduler is gone "
-            f"(status {dask_future.status!r})"
+            f"(task status {dask_future.status!r})"
         )
 
     def _deliver(self, batch: Batch, payload: Any) -> None:
         if isinstance(payload, BaseException):
             self._settle(batch, payload)
             return
-        outcomes = cloudpickle.loads(payload)
+        outcomes, seconds = cloudpickle.loads(payload)
         if outcomes and outcomes[0][0] == _remote.BROKEN:
             _, message, tb = outcomes[0]
             self.mark_broken(message, tb)
-            self._settle(batch, self._broken_error())
+            self._settle(batch, self.broken_error())
             return
         if batch.kind == _remote.CHUNK:
             self._set(batch.calls[0], outcomes)
             return
+        per_call = seconds / max(1, len(outcomes))
+        previous = self._seconds_per_call
+        self._seconds_per_call = per_call if previous is None else 0.7 * previous + 0.3 * per_call
         for call, outcome in zip(batch.calls, outcomes):
             if outcome[0] == _remote.OK:
                 self._set(call, outcome[1])
@@ -307,26 +402,45 @@ class Engine:
 
     def _set(self, call: Call, value: Any, error: bool = False) -> None:
         with self._lock:
-            running = self._notify_locked(call)
-        if not running:
-            return
+            if not self._notify_locked(call):
+                return  # cancelled
         try:
             if error:
                 call.future.set_exception(value)
             else:
                 call.future.set_result(value)
-        except InvalidStateError:  # settled already, e.g. broken then delivered
+        except InvalidStateError:  # settled already, e.g. by a broken executor
             pass
 
     def _settle(self, batch: Batch, error: BaseException) -> None:
         for call in batch.calls:
             self._set(call, error, error=True)
 
-    # -- breaking and closing --------------------------------------------
+    # -- aborting, breaking and closing -------------------------------------
 
-    def _broken_error(self) -> BrokenSulisExecutor:
+    def abort(self, futures: list[Future[Any]]) -> None:
+        """Drop map chunks nobody will read: cancel queued ones, and cancel the
+        cluster tasks of those already sent."""
+        dask_futures = []
+        for future in futures:
+            if future.cancel():
+                continue
+            with self._lock:
+                for batch in self._in_flight.values():
+                    if len(batch.calls) == 1 and batch.calls[0].future is future:
+                        del self._in_flight[batch.batch_id]
+                        dask_futures.append(batch.dask_future)
+                        break
+        if dask_futures:
+            try:
+                self.client.cancel([f for f in dask_futures if f is not None])
+            except Exception:
+                logger.debug("could not cancel abandoned map chunks", exc_info=True)
+            self._pump()
+
+    def broken_error(self) -> BrokenSulisExecutor:
         error = BrokenSulisExecutor(f"{self.broken}; the executor is not usable any more")
-        if getattr(self, "_broken_tb", ""):
+        if self._broken_tb:
             error.__cause__ = RemoteTraceback(self._broken_tb)
         return error
 
@@ -338,54 +452,61 @@ class Engine:
                 return
             self.broken = message
             self._broken_tb = tb
-            pending = list(self._batches.values())
-            self._batches.clear()
-        for batch in pending:
-            self._settle(batch, self._broken_error())
-        dask_futures = [b.dask_future for b in pending if b.dask_future is not None]
+            batches = list(self._in_flight.values())
+            self._in_flight.clear()
+            queued = list(self._queue)
+            self._queue.clear()
+        error = self.broken_error()
+        for batch in batches:
+            self._settle(batch, error)
+        for call in queued:
+            self._set(call, error, error=True)
+        dask_futures = [b.dask_future for b in batches if b.dask_future is not None]
         if dask_futures:
             try:
                 self.client.cancel(dask_futures)
             except Exception:
-                logger.debug("could not cancel work of a broken executor", exc_info=True)
+                logger.debug("could not cancel the work of a broken executor", exc_info=True)
 
-    def pending_futures(self) -> list[Future[Any]]:
+    def unfinished_futures(self) -> list[Future[Any]]:
         with self._lock:
-            return [c.future for b in self._batches.values() for c in b.calls]
+            queued = [c.future for c in self._queue]
+            sent = [c.future for b in self._in_flight.values() for c in b.calls]
+        return queued + sent
 
-    def cancel_pending(self) -> None:
-        for future in self.pending_futures():
+    def cancel_queued(self) -> None:
+        with self._lock:
+            queued = [c.future for c in self._queue]
+        for future in queued:
             future.cancel()
 
     def wait_idle(self) -> None:
         """Block until every future the engine knows of is settled."""
         from concurrent.futures import wait
 
-        while True:
-            futures = self.pending_futures()
-            if not futures:
-                return
+        while futures := [f for f in self.unfinished_futures() if not f.done()]:
             wait(futures)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Release the cluster; idempotent, bounded by ``timeout`` per step."""
+        """Release the cluster; idempotent, each step bounded by ``timeout``."""
         with self._close_lock:
             if self._closed:
                 return
             self._closed = True
         deadline = time.monotonic() + timeout
         self._done.put(_STOP)
-        self._collector.join(timeout)
-        leftovers = self.pending_futures()
-        for future in leftovers:
-            future.cancel()
+        if self._collector is not threading.current_thread():
+            self._collector.join(timeout)
         with self._lock:
-            stranded = list(self._batches.values())
-            self._batches.clear()
-        for batch in stranded:
-            self._settle(batch, BrokenSulisExecutor("the executor was shut down"))
+            batches = list(self._in_flight.values())
+            self._in_flight.clear()
+            queued = list(self._queue)
+            self._queue.clear()
+        for call in queued:
+            call.future.cancel()
+        for batch in batches:
+            self._settle(batch, BrokenSulisExecutor("the executor was shut down before this call finished"))
         try:
-            self.client.unsubscribe_topic(_remote.running_topic(self.token))
             self.client.close(timeout=max(1.0, deadline - time.monotonic()))
         except Exception:
             logger.debug("error closing the Dask client", exc_info=True)

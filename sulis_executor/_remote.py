@@ -14,6 +14,7 @@ Dask's retry logic for what it is good at, workers that die.
 from __future__ import annotations
 
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -35,10 +36,6 @@ CHUNK = "chunk"
 
 def initializer_plugin_name(token: str) -> str:
     return f"sulis-executor-initializer-{token}"
-
-
-def running_topic(token: str) -> str:
-    return f"sulis-executor-running-{token}"
 
 
 try:
@@ -88,10 +85,10 @@ def _error_outcome(error: BaseException) -> tuple[int, BaseException, str]:
     return (ERROR, error, "".join(traceback.format_exception(error)))
 
 
-def _dumps_outcomes(outcomes: list[Any]) -> bytes:
+def _dumps_outcomes(outcomes: list[Any], seconds: float) -> bytes:
     """Pickle all outcomes at once; on failure find and replace the culprits."""
     try:
-        return cloudpickle.dumps(outcomes)
+        return cloudpickle.dumps((outcomes, seconds))
     except Exception:
         pass
     repaired = []
@@ -106,7 +103,7 @@ def _dumps_outcomes(outcomes: list[Any]) -> bytes:
             message = f"{what} could not be pickled to send it back: {error}"
             outcome = (ERROR, _unpicklable(message), outcome[2] if outcome[0] == ERROR else "")
         repaired.append(outcome)
-    return cloudpickle.dumps(repaired)
+    return cloudpickle.dumps((repaired, seconds))
 
 
 def _unpicklable(message: str) -> BaseException:
@@ -115,24 +112,26 @@ def _unpicklable(message: str) -> BaseException:
     return UnpicklableError(message)
 
 
-def run_batch(payload: bytes, batch_id: str, token: str, has_initializer: bool) -> bytes:
-    """Run one batch of calls on a worker and return its pickled outcomes."""
-    from distributed import get_worker
+def run_batch(payload: bytes, token: str, has_initializer: bool) -> bytes:
+    """Run one batch of calls on a worker; return ``pickle((outcomes, seconds))``.
 
-    worker = get_worker()
-    # Tell the client this batch has started, so its futures report running().
-    worker.log_event(running_topic(token), batch_id)
+    ``seconds`` is the time spent in the calls, which the client uses to size
+    later batches.
+    """
     if has_initializer:
-        plugin = worker.plugins.get(initializer_plugin_name(token))
+        from distributed import get_worker
+
+        plugin = get_worker().plugins.get(initializer_plugin_name(token))
         if plugin is None:
             broken = (BROKEN, "the executor's initializer never reached this worker", "")
-            return cloudpickle.dumps([broken])
+            return cloudpickle.dumps(([broken], 0.0))
         failure = plugin.ensure_initialized()
         if failure is not None:
-            return cloudpickle.dumps([failure])
+            return cloudpickle.dumps(([failure], 0.0))
 
     kind, body = cloudpickle.loads(payload)
     outcomes: list[Any] = []
+    started = time.perf_counter()
     if kind == CALLS:
         for fn, args, kwargs in body:
             try:
@@ -147,4 +146,4 @@ def run_batch(payload: bytes, batch_id: str, token: str, has_initializer: bool) 
             except BaseException as error:
                 outcomes.append(_error_outcome(error))
                 break
-    return _dumps_outcomes(outcomes)
+    return _dumps_outcomes(outcomes, time.perf_counter() - started)

@@ -173,7 +173,7 @@ class SulisDaskExecutor(Executor):
 
     def _check_usable(self) -> None:
         if self._engine.broken is not None:
-            raise self._engine._broken_error()
+            raise self._engine.broken_error()
         if self._shutdown:
             raise RuntimeError("cannot schedule new futures after shutdown")
 
@@ -182,7 +182,7 @@ class SulisDaskExecutor(Executor):
             self._check_usable()
             if not callable(fn):
                 raise TypeError(f"submit() needs a callable as its first argument, not {fn!r}")
-            return self._engine.submit_calls(fn, args, kwargs)
+            return self._engine.submit_call(fn, args, kwargs)
 
     submit.__doc__ = Executor.submit.__doc__
 
@@ -230,13 +230,15 @@ class SulisDaskExecutor(Executor):
         pending: collections.deque[Future[Any]] = collections.deque(
             submit(chunk) for chunk in (chunks if window is None else itertools.islice(chunks, window))
         )
-        return _ordered_results(pending, chunks if window is not None else None, submit, end_time)
+        return _ordered_results(
+            pending, chunks if window is not None else None, submit, engine.abort, end_time
+        )
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:
             self._shutdown = True
         if cancel_futures:
-            self._engine.cancel_pending()
+            self._engine.cancel_queued()
         if wait:
             teardown = self._teardown_thread
             if teardown is not None:
@@ -267,21 +269,20 @@ def _ordered_results(
     pending: collections.deque[Future[Any]],
     more_chunks: Iterator[list[tuple[Any, ...]]] | None,
     submit: Callable[[list[tuple[Any, ...]]], Future[Any]],
+    abort: Callable[[list[Future[Any]]], None],
     end_time: float | None,
 ) -> Iterator[Any]:
     try:
         while pending:
-            future = pending.popleft()
+            future = pending[0]
             try:
                 if end_time is None:
                     outcomes = future.result()
                 else:
                     outcomes = future.result(end_time - time.monotonic())
-            except TimeoutError:
-                future.cancel()
-                raise
             finally:
                 del future
+            pending.popleft()
             if more_chunks is not None:
                 chunk = next(more_chunks, None)
                 if chunk is not None:
@@ -292,8 +293,8 @@ def _ordered_results(
                 else:
                     raise rebuild_exception(outcome[1], outcome[2])
     finally:
-        for future in pending:
-            future.cancel()
+        # Closed, dropped, timed out or failed: nobody will read the rest.
+        abort(list(pending))
 
 
 # BrokenSulisExecutor is part of this module's story; re-exported for convenience.

@@ -56,6 +56,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 async def _run(args: argparse.Namespace) -> None:
     from distributed import Worker
 
+    from distributed.utils import get_ip_interface
+
+    # The worker's HTTP endpoint (/health, metrics) listens only where its
+    # comms do, on a random port, never on every interface.
+    http_host = args.host or (get_ip_interface(args.interface) if args.interface else "127.0.0.1")
     memory_limit: str | int = args.memory_limit
     if memory_limit.isdigit():
         memory_limit = int(memory_limit)
@@ -68,6 +73,7 @@ async def _run(args: argparse.Namespace) -> None:
         interface=args.interface,
         local_directory=args.local_directory,
         dashboard=False,
+        dashboard_address=f"{http_host}:0",
         death_timeout=args.death_timeout,
     )
     loop = asyncio.get_running_loop()

@@ -49,6 +49,9 @@ class LocalLauncher(Launcher):
             dashboard_address=options.dashboard,
             silence_logs=logging.INFO if options.verbose else logging.CRITICAL,
             security=self._security,
+            # With the dashboard off, the scheduler still serves /health on
+            # HTTP; keep it off Dask's fixed port 8787, which jobs share.
+            scheduler_kwargs=None if options.dashboard else {"dashboard_address": "127.0.0.1:0"},
             **({"interface": options.interface} if options.interface else {"host": "127.0.0.1"}),
         )
         address = self._cluster.scheduler_address
