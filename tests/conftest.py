@@ -1,0 +1,74 @@
+"""Shared fixtures.
+
+Every test runs with a clean environment (no SLURM_*, SULIS_EXECUTOR_* or
+DASK_* variables leaking in from the shell that started pytest), and Dask
+comms bound to loopback. Tests that only need *a* cluster attach to one
+session-wide local cluster (``launch='address'``), which keeps the suite fast;
+tests of starting and stopping clusters make their own.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+_STRIPPED_PREFIXES = ("SLURM_", "SULIS_EXECUTOR_", "DASK_", "PMI_", "OMPI_", "MPICH_", "HYDRA_")
+
+
+def _clean(environ: dict[str, str]) -> None:
+    for name in list(environ):
+        if name.startswith(_STRIPPED_PREFIXES):
+            del environ[name]
+
+
+# Strip at import too, so the session cluster below starts clean.
+_clean(os.environ)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith(_STRIPPED_PREFIXES):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("SULIS_EXECUTOR_INTERFACE", "lo")
+
+
+@pytest.fixture(scope="session")
+def host_executor():
+    """A session-wide local cluster of 2 workers, owned by one executor."""
+    from sulis_executor import SulisDaskExecutor
+
+    ex = SulisDaskExecutor(max_workers=2, interface="lo")
+    yield ex
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="session")
+def scheduler_address(host_executor) -> str:
+    return host_executor.client.scheduler.address
+
+
+@pytest.fixture
+def shared_executor(scheduler_address):
+    """An executor attached to the session cluster; shut down after the test."""
+    from sulis_executor import SulisDaskExecutor
+
+    ex = SulisDaskExecutor(address=scheduler_address, wait_for_workers=2)
+    yield ex
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_threads():
+    """Executors made in a test must not leave their threads running."""
+    before = {t.ident for t in threading.enumerate()}
+    yield
+    leaked = [
+        t for t in threading.enumerate()
+        if t.ident not in before and t.name.startswith("sulis-executor") and t.is_alive()
+    ]
+    for t in leaked:
+        t.join(5)
+    assert not [t for t in leaked if t.is_alive()], f"leaked threads: {leaked}"

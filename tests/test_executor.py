@@ -1,0 +1,295 @@
+"""What SulisDaskExecutor promises beyond the shared contract suite.
+
+The contract every ``concurrent.futures`` executor keeps is tested, side by
+side with ``ProcessPoolExecutor``, in ``test_contract.py``. This module holds
+what is particular to running on Dask: calls are never merged or rewritten,
+initializers follow workers across restarts, dead workers surface as
+``BrokenProcessPool``, the cluster's memory stays bounded, and a normal run
+is silent.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sulis_executor import (
+    BrokenSulisExecutor,
+    SulisDaskExecutor,
+    UnpicklableError,
+    WorkerDiedError,
+)
+from tests import executor_tasks as tasks
+
+pytestmark = pytest.mark.timeout(90)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def scheduler_task_count(ex: SulisDaskExecutor) -> int:
+    return ex.client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+
+
+def worker_pids(ex: SulisDaskExecutor) -> dict[str, int]:
+    return ex.client.run(os.getpid, on_error="ignore")
+
+
+# -- calls reach the function exactly as made --------------------------------
+
+
+def test_kwargs_named_like_dask_options_reach_the_function_untouched(shared_executor):
+    kwargs = dict(key="k", workers=["w"], pure=True, retries=3, priority=9, resources={"GPU": 1}, fn=1)
+    assert shared_executor.submit(tasks.echo_kwargs, **kwargs).result(timeout=30) == kwargs
+
+
+def test_identical_calls_are_each_run_never_deduplicated(shared_executor, tmp_path):
+    path = str(tmp_path / "calls.txt")
+    futures = [shared_executor.submit(tasks.append_line, path, "same") for _ in range(8)]
+    concurrent.futures.wait(futures, timeout=30)
+    assert [f.result() for f in futures] == [None] * 8
+    assert Path(path).read_text().splitlines() == ["same"] * 8
+
+
+def test_submit_of_a_non_callable_raises_type_error_naming_it(shared_executor):
+    with pytest.raises(TypeError, match="42"):
+        shared_executor.submit(42)
+    assert shared_executor.submit(tasks.square, 3).result(timeout=30) == 9
+
+
+# -- unpicklable objects are named -------------------------------------------
+
+
+def test_unpicklable_argument_names_the_argument_and_its_type(shared_executor):
+    future = shared_executor.submit(tasks.square, threading.Lock())
+    error = future.exception(timeout=10)
+    assert isinstance(error, UnpicklableError)
+    assert isinstance(error, TypeError)
+    assert "positional argument 0 of square()" in str(error)
+    assert "lock" in str(error)
+    assert shared_executor.submit(tasks.square, 4).result(timeout=30) == 16
+
+
+def test_unpicklable_result_names_its_type(shared_executor):
+    future = shared_executor.submit(threading.Lock)
+    error = future.exception(timeout=30)
+    assert isinstance(error, UnpicklableError)
+    assert "the result, of type" in str(error) and "lock" in str(error)
+
+
+def test_unpicklable_map_item_names_the_item(shared_executor):
+    items = [1, 2, 3, threading.Lock(), 5]
+    results = shared_executor.map(tasks.pid_of_worker, items, chunksize=10)
+    with pytest.raises(UnpicklableError, match="item 3"):
+        list(results)
+
+
+# -- initializer -------------------------------------------------------------
+
+
+def test_initializer_runs_once_per_worker_process_before_its_first_task(tmp_path):
+    log = tmp_path / "init.txt"
+    with SulisDaskExecutor(2, initializer=tasks.record_initializer, initargs=(str(log), "init")) as ex:
+        results = [f.result(timeout=30) for f in [ex.submit(tasks.pid_and_initialized) for _ in range(40)]]
+        assert all(initialized for _, initialized in results)
+        lines = log.read_text().splitlines()
+        assert len(lines) == len(set(lines)), "an initializer ran twice in one process"
+        assert {pid for pid, _ in results} <= {int(line.split()[1]) for line in lines}
+
+
+def test_initializer_also_runs_in_a_worker_that_replaced_a_killed_one(tmp_path):
+    log = tmp_path / "init.txt"
+    with SulisDaskExecutor(1, initializer=tasks.record_initializer, initargs=(str(log), "init")) as ex:
+        first_pid, initialized = ex.submit(tasks.pid_and_initialized).result(timeout=30)
+        assert initialized
+        os.kill(first_pid, signal.SIGKILL)
+        wait_until(lambda: set(worker_pids(ex).values()) - {first_pid}, what="a replacement worker")
+        new_pid, initialized = ex.submit(tasks.pid_and_initialized).result(timeout=30)
+        assert new_pid != first_pid and initialized
+        assert sorted(log.read_text().split()[1::2]) == sorted([str(first_pid), str(new_pid)])
+
+
+def test_failing_initializer_breaks_the_executor_like_process_pool(tmp_path):
+    with SulisDaskExecutor(1, initializer=tasks.failing_initializer) as ex:
+        error = ex.submit(tasks.square, 2).exception(timeout=30)
+        assert isinstance(error, BrokenSulisExecutor)
+        assert isinstance(error, concurrent.futures.BrokenExecutor)
+        assert "failing_initializer" in str(error) and "initializer failed on purpose" in str(error)
+        with pytest.raises(BrokenSulisExecutor):
+            ex.submit(tasks.square, 3)
+        with pytest.raises(BrokenSulisExecutor):
+            ex.map(tasks.square, [1])
+
+
+# -- dead workers ------------------------------------------------------------
+
+
+def test_a_call_that_kills_its_worker_fails_alone_with_broken_process_pool():
+    with SulisDaskExecutor(2) as ex:
+        doomed = ex.submit(tasks.kill_own_process)
+        others = [ex.submit(tasks.square, i) for i in range(10)]
+        error = doomed.exception(timeout=60)
+        assert isinstance(error, WorkerDiedError) and isinstance(error, BrokenProcessPool)
+        assert "kill_own_process" in str(error) and "died" in str(error)
+        assert [f.result(timeout=30) for f in others] == [i * i for i in range(10)]
+        assert ex.submit(tasks.square, 7).result(timeout=30) == 49
+
+
+def test_a_map_survives_a_worker_killed_in_the_middle():
+    with SulisDaskExecutor(2) as ex:
+        results = ex.map(tasks.slow_identity, range(150), [0.01] * 150)
+        seen = [next(results) for _ in range(20)]
+        victim = next(iter(worker_pids(ex).values()))
+        os.kill(victim, signal.SIGKILL)
+        seen += list(results)
+        assert seen == list(range(150))
+
+
+# -- memory stays bounded ----------------------------------------------------
+
+
+def test_delivered_results_are_released_on_the_cluster(shared_executor):
+    futures = [shared_executor.submit(tasks.square, i) for i in range(200)]
+    assert [f.result(timeout=30) for f in futures] == [i * i for i in range(200)]
+    # The futures are still referenced here: their values live on the client.
+    wait_until(lambda: scheduler_task_count(shared_executor) == 0, what="the cluster to forget results")
+
+
+def test_a_long_submit_loop_keeps_the_scheduler_task_count_bounded(shared_executor):
+    peak = 0
+    for i in range(100_000):
+        shared_executor.submit(tasks.square, i)  # future dropped on purpose
+        if i % 10_000 == 0:
+            peak = max(peak, scheduler_task_count(shared_executor))
+    last = shared_executor.submit(tasks.square, 3)
+    assert last.result(timeout=60) == 9
+    assert peak <= 16, f"the scheduler held {peak} tasks at once"
+    wait_until(lambda: scheduler_task_count(shared_executor) == 0, what="the cluster to drain")
+
+
+# -- introspection and the joblib route --------------------------------------
+
+
+def test_introspection_exposes_client_worker_count_and_no_dashboard_by_default(shared_executor):
+    from distributed import Client
+
+    assert isinstance(shared_executor.client, Client)
+    assert shared_executor.num_workers == 2
+    assert shared_executor.dashboard_link is None
+
+
+def test_dashboard_when_asked_for_binds_localhost():
+    with SulisDaskExecutor(1, dashboard=True) as ex:
+        link = ex.dashboard_link
+        assert link is not None and link.startswith("http://127.0.0.1:")
+
+
+def test_joblib_dask_backend_runs_on_the_executors_cluster(shared_executor):
+    joblib = pytest.importorskip("joblib")
+    worker_pid_set = set(worker_pids(shared_executor).values())
+    with joblib.parallel_config(backend="dask"):
+        pids = joblib.Parallel(n_jobs=-1)(joblib.delayed(tasks.pid_of_worker)(i) for i in range(20))
+    assert set(pids) <= worker_pid_set
+    assert os.getpid() not in pids
+
+
+# -- lifecycle ---------------------------------------------------------------
+
+
+def test_a_garbage_collected_executor_stops_its_workers():
+    ex = SulisDaskExecutor(2)
+    pids = list(worker_pids(ex).values())
+    assert ex.submit(tasks.square, 2).result(timeout=30) == 4
+    del ex
+    gc.collect()
+    wait_until(lambda: not any(psutil.pid_exists(p) for p in pids), what="workers to exit")
+
+
+QUIET_SCRIPT = textwrap.dedent(
+    """
+    from sulis_executor import SulisDaskExecutor
+    from tests.executor_tasks import square, raise_value_error
+
+    ex = SulisDaskExecutor(max_workers=2)
+    print(sum(ex.map(square, range(100))))
+    try:
+        ex.submit(raise_value_error, 3).result()
+    except ValueError as error:
+        print("caught", error)
+    {ending}
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "ending",
+    ["ex.shutdown()", "pass  # left open at interpreter exit", "ex.shutdown(wait=False)"],
+    ids=["shutdown", "left-open", "shutdown-nowait"],
+)
+def test_a_normal_run_prints_only_the_users_output(ending):
+    script = QUIET_SCRIPT.format(ending=ending)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "DASK_"))}
+    env["PYTHONPATH"] = str(REPO)
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "328350\ncaught bad item 3\n"
+    assert proc.stderr == ""
+    assert time.monotonic() - started < 30
+
+
+# -- bad input fails fast and names the culprit ------------------------------
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("max_workers", [0, -1])
+def test_max_workers_must_be_positive(max_workers):
+    with pytest.raises(ValueError, match=f"max_workers must be greater than 0, got {max_workers}"):
+        SulisDaskExecutor(max_workers)
+
+
+@pytest.mark.timeout(10)
+def test_unknown_launch_mode_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="'bogus'.*local.*srun.*mpi"):
+        SulisDaskExecutor(launch="bogus")
+
+
+@pytest.mark.timeout(10)
+def test_unknown_option_is_a_type_error_naming_it():
+    with pytest.raises(TypeError, match="'max_worker'"):
+        SulisDaskExecutor(max_worker=2)
+
+
+@pytest.mark.timeout(10)
+def test_unparseable_memory_limit_names_the_value():
+    with pytest.raises(ValueError, match="'lots'"):
+        SulisDaskExecutor(memory_limit="lots")
+
+
+@pytest.mark.timeout(10)
+def test_bad_environment_variable_is_named(monkeypatch):
+    monkeypatch.setenv("SULIS_EXECUTOR_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="SULIS_EXECUTOR_TIMEOUT='soon'"):
+        SulisDaskExecutor()
