@@ -7,6 +7,12 @@ re-imports the user's ``__main__``, so a plain script without an
 on Linux, would start clusters recursively. A fresh interpreter running this
 module never touches the user's script.
 
+``--name`` may be a template expanded from this task's environment, so one
+command line started by ``srun`` over many tasks gives each worker its own
+name: ``{procid}`` (``SLURM_PROCID``, else the MPI rank from ``PMI_RANK`` /
+``OMPI_COMM_WORLD_RANK``), ``{localid}``, ``{nodeid}``, ``{node}``
+(``SLURMD_NODENAME``, else the host name) and ``{jobid}``, ``{stepid}``.
+
 The process ends when the scheduler goes away or it is told to close, and, on
 Linux, when its parent dies (``PR_SET_PDEATHSIG``), so that a killed client
 never leaves workers behind on a shared node.
@@ -19,7 +25,9 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
+from collections.abc import Mapping
 
 
 def _die_with_parent() -> None:
@@ -35,13 +43,57 @@ def _die_with_parent() -> None:
         pass
 
 
+def _first(environ: Mapping[str, str], *names: str) -> str | None:
+    return next((environ[n] for n in names if environ.get(n)), None)
+
+
+def expand_name(template: str | None, environ: Mapping[str, str]) -> str | None:
+    """Expand ``{procid}``-style fields of a worker name from ``environ``.
+
+    Names without braces are returned unchanged. A field whose variable is not
+    set raises ``ValueError`` saying which variables were looked for.
+    """
+    if template is None or "{" not in template:
+        return template
+    fields = {
+        "procid": ("SLURM_PROCID", "PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"),
+        "rank": ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID"),
+        "localid": ("SLURM_LOCALID", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK"),
+        "nodeid": ("SLURM_NODEID",),
+        "jobid": ("SLURM_JOB_ID", "SLURM_JOBID"),
+        "stepid": ("SLURM_STEP_ID", "SLURM_STEPID"),
+        "node": ("SLURMD_NODENAME",),
+    }
+    values = {key: _first(environ, *names) for key, names in fields.items()}
+    values["node"] = values["node"] or socket.gethostname()
+    values["pid"] = str(os.getpid())
+
+    class _Fields(dict):  # type: ignore[type-arg]
+        def __missing__(self, key: str) -> str:
+            names = fields.get(key)
+            if names is None:
+                raise ValueError(
+                    f"worker name template {template!r} uses {{{key}}}, which is not a "
+                    f"known field; known fields: {', '.join(sorted(values))}"
+                )
+            raise ValueError(
+                f"worker name template {template!r} uses {{{key}}}, but none of "
+                f"{', '.join(names)} is set in this process's environment"
+            )
+
+    present = _Fields({k: v for k, v in values.items() if v is not None})
+    return template.format_map(present)
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m sulis_executor.worker",
         description="Run one Dask worker for a SulisDaskExecutor cluster.",
     )
     parser.add_argument("scheduler", help="scheduler address, e.g. tls://10.0.0.1:40123")
-    parser.add_argument("--name", default=None, help="worker name shown by the scheduler")
+    parser.add_argument("--name", default=None,
+                        help="worker name shown by the scheduler; may use {procid}, {localid}, "
+                             "{nodeid}, {node}, {jobid}, {stepid}, {rank}, {pid}")
     parser.add_argument("--nthreads", type=int, default=1)
     parser.add_argument("--memory-limit", default="auto")
     parser.add_argument("--host", default=None, help="address to bind, e.g. 127.0.0.1")
@@ -85,9 +137,20 @@ async def _run(args: argparse.Namespace) -> None:
     await worker.finished()
 
 
-def main(argv: list[str] | None = None) -> int:
-    _die_with_parent()
+def main(argv: list[str] | None = None, *, die_with_parent: bool = True) -> int:
+    """Run one worker until the scheduler closes or a signal; return the exit status.
+
+    ``die_with_parent=False`` is for a worker run inside a process that has
+    other duties (an MPI rank), whose parent is the MPI launcher anyway.
+    """
+    if die_with_parent:
+        _die_with_parent()
     args = _parse(argv)
+    try:
+        args.name = expand_name(args.name, os.environ)
+    except ValueError as error:
+        print(f"sulis_executor.worker: {error}", file=sys.stderr)
+        return 2
     if not args.verbose:
         from ._quiet import silence_dask_logs
 

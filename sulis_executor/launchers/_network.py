@@ -1,0 +1,67 @@
+"""Network helpers shared by the launch modes: which address to bind.
+
+On a cluster the scheduler must listen where workers on other nodes can
+reach it, and on Sulis that is usually a named interface (``ib0``). A typo in
+that name would otherwise surface much later as workers that never arrive,
+so it is checked up front, listing the interfaces this node really has.
+"""
+
+from __future__ import annotations
+
+import socket
+
+__all__ = ["interface_addresses", "scheduler_host", "validate_interface"]
+
+
+def interface_addresses() -> dict[str, list[str]]:
+    """Interface name -> its IPv4 addresses (possibly none), on this node."""
+    import psutil  # a dependency of distributed
+
+    return {
+        name: [a.address for a in addrs if a.family == socket.AF_INET]
+        for name, addrs in psutil.net_if_addrs().items()
+    }
+
+
+def _describe(interfaces: dict[str, list[str]]) -> str:
+    return ", ".join(
+        f"{name} ({', '.join(ips) if ips else 'no IPv4 address'})"
+        for name, ips in sorted(interfaces.items())
+    )
+
+
+def validate_interface(name: str) -> str:
+    """Return the IPv4 address of interface ``name``.
+
+    Raises ``ValueError`` naming the interfaces that do exist when ``name`` is
+    unknown or has no IPv4 address (Dask comms need one).
+    """
+    interfaces = interface_addresses()
+    if name not in interfaces:
+        raise ValueError(
+            f"network interface {name!r} does not exist on {socket.gethostname()}; "
+            f"available interfaces: {_describe(interfaces)}. "
+            "Pass one of these as interface= (or SULIS_EXECUTOR_INTERFACE), "
+            "or leave it unset to use the address of the default route"
+        )
+    if not interfaces[name]:
+        raise ValueError(
+            f"network interface {name!r} on {socket.gethostname()} has no IPv4 address; "
+            f"available interfaces: {_describe(interfaces)}. Choose one with an address"
+        )
+    return interfaces[name][0]
+
+
+def scheduler_host(interface: str | None) -> str:
+    """The address a scheduler for remote workers should bind.
+
+    The named interface's address when one is given (validated), otherwise
+    the address this node uses to reach the outside world, which is what
+    other nodes of the same cluster can normally reach too. Never loopback by
+    default: workers on other nodes could not connect to it.
+    """
+    if interface:
+        return validate_interface(interface)
+    from distributed.utils import get_ip
+
+    return get_ip()

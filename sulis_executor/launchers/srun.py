@@ -1,0 +1,279 @@
+"""``launch='srun'``: a plain ``python script.py`` inside a SLURM allocation.
+
+The scheduler runs in this process (as in the local mode); the workers are
+one background ``srun`` step over the whole allocation, one worker per SLURM
+task, each with the task's CPUs as threads and its share of the job's memory.
+No task is set aside for the scheduler or the script: they are light, and
+run next to the first node's workers.
+
+The step is started with ``--overlap`` so that it can share the allocation
+with the batch step and with any ``srun`` the user's own script runs later,
+and with ``--kill-on-bad-exit=0`` so that one worker dying (e.g. a task that
+segfaults) does not take the others down with it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+
+from ..config import ExecutorOptions
+from ..errors import ClusterStartupTimeout
+from ..slurm import SlurmAllocation
+from ._network import scheduler_host
+from ._processes import pythonpath_env
+from .base import Cluster, Launcher
+
+logger = logging.getLogger("sulis_executor")
+
+#: Lines of the step's stderr kept for error messages.
+STDERR_TAIL = 30
+
+
+def min_workers_for(wait_for_workers: float | int | None, expected: int) -> int:
+    """How many of ``expected`` workers to wait for: all by default, a count
+    (at most ``expected``), or a fraction of them rounded up."""
+    if wait_for_workers is None:
+        return expected
+    if isinstance(wait_for_workers, float):
+        return max(1, math.ceil(wait_for_workers * expected))
+    return min(int(wait_for_workers), expected)
+
+
+def srun_command(
+    allocation: SlurmAllocation, step_name: str, worker_argv: list[str]
+) -> list[str]:
+    """The ``srun`` command line that runs ``worker_argv`` once per task."""
+    return [
+        "srun",
+        f"--job-name={step_name}",
+        f"--nodes={len(allocation.nodes)}",
+        f"--ntasks={allocation.ntasks}",
+        f"--cpus-per-task={allocation.cpus_per_task}",
+        # Share the allocation with the batch step and later user steps
+        # instead of waiting for CPUs/memory they hold.
+        "--overlap",
+        # One dead worker must not end the others; the executor copes.
+        "--kill-on-bad-exit=0",
+        "--export=ALL",
+        # srun would forward our stdin to task 0; workers read nothing.
+        "--input=none",
+        *worker_argv,
+    ]
+
+
+class SrunLauncher(Launcher):
+    name = "srun"
+
+    def __init__(self, options: ExecutorOptions, security: object = None,
+                 environ: Mapping[str, str] | None = None) -> None:
+        self._options = options
+        self._security = security
+        self._environ = os.environ if environ is None else environ
+        allocation = SlurmAllocation.from_environ(self._environ)
+        if allocation is None:
+            raise RuntimeError(
+                "launch='srun' needs a SLURM allocation, but SLURM_JOB_ID is not set; "
+                "run the script inside sbatch or salloc, or use launch='local'"
+            )
+        if shutil.which("srun") is None:
+            raise RuntimeError(
+                f"launch='srun': SLURM job {allocation.job_id} found but no 'srun' command "
+                "on PATH; load the SLURM module, or use launch='local'"
+            )
+        self.allocation = allocation
+        # A unique step name lets close() find the step to scancel it, and
+        # lets tests find stray processes.
+        self.step_name = f"sulis-workers-{uuid.uuid4().hex[:8]}"
+        self._cluster = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
+        self._stderr_thread: threading.Thread | None = None
+        self._closed = False
+
+    # -- start ------------------------------------------------------------
+
+    def _worker_argv(self, address: str) -> list[str]:
+        options, allocation = self._options, self.allocation
+        memory = options.memory_limit
+        if memory is None:
+            memory = allocation.memory_per_worker if allocation.memory_per_worker else "auto"
+        argv = [
+            sys.executable, "-m", "sulis_executor.worker", address,
+            "--name", "srun-{procid}",
+            "--nthreads", str(options.nthreads or allocation.cpus_per_task),
+            "--memory-limit", str(memory),
+            # Without the scheduler, a worker gives up after this long
+            # rather than lingering in the allocation.
+            "--death-timeout", str(max(60.0, options.timeout)),
+        ]
+        if options.interface:
+            argv += ["--interface", options.interface]
+        if options.local_directory:
+            argv += ["--local-directory", options.local_directory]
+        if options.verbose:
+            argv.append("--verbose")
+        return argv
+
+    def start(self, timeout: float) -> Cluster:
+        from distributed import LocalCluster
+
+        deadline = time.monotonic() + timeout
+        options = self._options
+        host = scheduler_host(options.interface)
+        self._cluster = LocalCluster(
+            n_workers=0,
+            processes=True,
+            scheduler_port=0,
+            host=host,
+            dashboard_address=options.dashboard,
+            silence_logs=logging.INFO if options.verbose else logging.CRITICAL,
+            security=self._security,
+            # With the dashboard off the scheduler still serves /health on
+            # HTTP; keep it off the fixed port 8787 that jobs on a node share.
+            scheduler_kwargs=None if options.dashboard else {"dashboard_address": f"{host}:0"},
+        )
+        address = self._cluster.scheduler_address
+        command = srun_command(self.allocation, self.step_name, self._worker_argv(address))
+        logger.info("starting %d workers: %s", self.allocation.ntasks, " ".join(command))
+        self._proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=pythonpath_env(),
+            # Its own process group: a Ctrl-C meant for the script reaches
+            # srun only through close(), not twice.
+            start_new_session=True,
+        )
+        self._stderr_thread = threading.Thread(
+            target=self._pump_stderr, name="sulis-executor-srun-stderr", daemon=True
+        )
+        self._stderr_thread.start()
+        expected = self.allocation.ntasks
+        minimum = min_workers_for(options.wait_for_workers, expected)
+        self._wait_for_workers(minimum, deadline)
+        return Cluster(
+            target=self._cluster,
+            security=self._security,
+            expected_workers=expected,
+            min_workers=minimum,
+            description=self.description,
+        )
+
+    @property
+    def description(self) -> str:
+        a = self.allocation
+        return (f"SLURM job {a.job_id}: srun step {self.step_name!r} of {a.ntasks} workers "
+                f"on {len(a.nodes)} nodes")
+
+    def _pump_stderr(self) -> None:
+        # Pass srun's (and the workers') stderr through, keeping the tail
+        # for the error raised if the step ends early.
+        assert self._proc is not None and self._proc.stderr is not None
+        for raw in iter(self._proc.stderr.readline, b""):
+            line = raw.decode(errors="replace")
+            self._stderr_tail.append(line.rstrip("\n"))
+            try:
+                sys.stderr.write(line)
+            except (OSError, ValueError):
+                pass
+
+    def stderr_tail(self) -> str:
+        if self._stderr_thread is not None:
+            self._stderr_thread.join(2.0)
+        return "\n".join(self._stderr_tail) or "(no output on stderr)"
+
+    def _worker_count(self) -> int:
+        assert self._cluster is not None
+        # Read the in-process scheduler directly: no round trip needed.
+        return len(self._cluster.scheduler.workers)
+
+    def _wait_for_workers(self, minimum: int, deadline: float) -> None:
+        """Wait for ``minimum`` workers, failing fast if the step ends."""
+        assert self._proc is not None
+        while self._worker_count() < minimum:
+            returncode = self._proc.poll()
+            if returncode is not None:
+                raise RuntimeError(
+                    f"the srun step that starts the workers ({self.step_name}) exited with "
+                    f"status {returncode} after {self._worker_count()} of {minimum} workers "
+                    f"connected; srun's stderr ends with:\n{self.stderr_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise ClusterStartupTimeout(
+                    f"only {self._worker_count()} of {minimum} workers of {self.description} "
+                    f"connected within {self._options.timeout:g} s; check the job output for "
+                    "worker errors, that nodes can reach the scheduler on the chosen interface "
+                    "(interface=), or raise timeout=. srun's stderr so far:\n"
+                    + ("\n".join(self._stderr_tail) or "(nothing)")
+                )
+            time.sleep(0.05)
+
+    # -- close ------------------------------------------------------------
+
+    def _step_ids(self) -> list[str]:
+        """``jobid.stepid`` of our step, found by its unique name."""
+        try:
+            out = subprocess.run(
+                ["squeue", "-h", "-s", "-j", self.allocation.job_id, "-o", "%i %j"],
+                capture_output=True, text=True, timeout=10, check=False,
+            ).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return []
+        return [line.split()[0] for line in out.splitlines()
+                if len(line.split()) == 2 and line.split()[1] == self.step_name]
+
+    def close(self, timeout: float) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        deadline = time.monotonic() + timeout
+        # Closing the scheduler first tells every worker to close: they exit
+        # 0 and srun ends on its own, quietly. Signalling srun instead makes
+        # it abort the step and report every task as killed.
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            try:
+                cluster.close(timeout=max(1.0, (deadline - time.monotonic()) / 2))
+            except Exception:
+                logger.debug("error closing the scheduler", exc_info=True)
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            self._stop_step(proc, deadline)
+        if self._stderr_thread is not None:
+            self._stderr_thread.join(max(0.1, deadline - time.monotonic()))
+
+    def _stop_step(self, proc: subprocess.Popen[bytes], deadline: float) -> None:
+        """Wait for the step to end; past a share of the deadline, cancel it."""
+        graceful = max(1.0, (deadline - time.monotonic()) * 0.6)
+        try:
+            proc.wait(graceful)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        steps = self._step_ids()
+        logger.warning("workers of %s did not stop within %.1f s; cancelling step %s",
+                       self.step_name, graceful, ", ".join(steps) or "(not found)")
+        for step in steps:
+            try:
+                subprocess.run(["scancel", step], capture_output=True, timeout=10, check=False)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if not steps and proc.poll() is None:
+            # No squeue answer: srun aborts the step itself on SIGTERM.
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
