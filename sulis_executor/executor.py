@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import collections
-import itertools
 import logging
 import os
 import threading
@@ -15,7 +13,8 @@ from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
 from . import _remote
-from ._engine import Engine, rebuild_exception
+from ._engine import Engine
+from ._map import AUTO_CHUNKSIZE, WINDOW_PER_THREAD, ChunkSizer, items_hint, ordered_results
 from ._quiet import silence_dask_logs
 from .config import ExecutorOptions, resolve_options
 from .errors import BrokenSulisExecutor, ClusterStartupTimeout
@@ -26,11 +25,6 @@ __all__ = ["SulisDaskExecutor"]
 logger = logging.getLogger("sulis_executor")
 
 T = TypeVar("T")
-
-
-def _chunks(iterator: Iterator[tuple[Any, ...]], size: int) -> Iterator[list[tuple[Any, ...]]]:
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
 
 
 def _shutdown_engine(engine: Engine) -> None:
@@ -191,16 +185,18 @@ class SulisDaskExecutor(Executor):
         fn: Callable[..., T],
         *iterables: Iterable[Any],
         timeout: float | None = None,
-        chunksize: int = 1,
+        chunksize: int = AUTO_CHUNKSIZE,
         buffersize: int | None = None,
     ) -> Iterator[T]:
         """Return an iterator equivalent to ``map(fn, *iterables)``.
 
         As in Python 3.14: results come in order; ``timeout`` counts from this
-        call; ``chunksize`` items go to the cluster as one task; without
-        ``buffersize`` every item is submitted at once, with it at most
-        ``buffersize`` chunks are in flight and the iterables are consumed
-        lazily. Closing or dropping the iterator cancels what is left.
+        call; several iterables stop at the shortest; closing or dropping the
+        iterator cancels what is left. ``chunksize`` items go to the cluster
+        as one task; left at its default, chunks are sized automatically from
+        measured call times. At most ``buffersize`` chunks are submitted and
+        not yet yielded (default: four per worker thread), and the iterables
+        are read lazily, so long and infinite inputs run in bounded memory.
         """
         if buffersize is not None:
             if isinstance(buffersize, bool) or not isinstance(buffersize, int):
@@ -216,23 +212,21 @@ class SulisDaskExecutor(Executor):
         end_time = None if timeout is None else timeout + time.monotonic()
         with self._shutdown_lock:
             self._check_usable()
-        chunks = _chunks(zip(*iterables), chunksize)
         engine = self._engine
-        index = itertools.count(0, chunksize)
+        self_ref = weakref.ref(self)  # the results iterator must not keep us alive
 
-        def submit(chunk: list[tuple[Any, ...]]) -> Future[Any]:
-            if self_ref() is None or self_ref()._shutdown:  # type: ignore[union-attr]
+        def submit_chunk(fn: Callable[..., Any], chunk: list[Any], first: int, star: bool) -> Future[Any]:
+            executor = self_ref()
+            if executor is None or executor._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            return engine.submit_chunk(fn, chunk, next(index))
+            with executor._shutdown_lock:
+                executor._check_usable()
+            return engine.submit_chunk(fn, chunk, first, star)
 
-        self_ref = weakref.ref(self)
-        window = buffersize if buffersize is not None else None
-        pending: collections.deque[Future[Any]] = collections.deque(
-            submit(chunk) for chunk in (chunks if window is None else itertools.islice(chunks, window))
-        )
-        return _ordered_results(
-            pending, chunks if window is not None else None, submit, engine.abort, end_time
-        )
+        fixed = None if chunksize is AUTO_CHUNKSIZE else chunksize
+        sizer = ChunkSizer(fixed, lambda: engine.threads, items_hint(iterables))
+        window = buffersize if buffersize is not None else WINDOW_PER_THREAD * engine.threads
+        return ordered_results(fn, iterables, sizer, window, submit_chunk, engine.abort, end_time)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:
@@ -263,38 +257,6 @@ class SulisDaskExecutor(Executor):
 def _finish_then_close(engine: Engine, finalizer: weakref.finalize) -> None:
     engine.wait_idle()
     finalizer()
-
-
-def _ordered_results(
-    pending: collections.deque[Future[Any]],
-    more_chunks: Iterator[list[tuple[Any, ...]]] | None,
-    submit: Callable[[list[tuple[Any, ...]]], Future[Any]],
-    abort: Callable[[list[Future[Any]]], None],
-    end_time: float | None,
-) -> Iterator[Any]:
-    try:
-        while pending:
-            future = pending[0]
-            try:
-                if end_time is None:
-                    outcomes = future.result()
-                else:
-                    outcomes = future.result(end_time - time.monotonic())
-            finally:
-                del future
-            pending.popleft()
-            if more_chunks is not None:
-                chunk = next(more_chunks, None)
-                if chunk is not None:
-                    pending.append(submit(chunk))
-            for outcome in outcomes:
-                if outcome[0] == _remote.OK:
-                    yield outcome[1]
-                else:
-                    raise rebuild_exception(outcome[1], outcome[2])
-    finally:
-        # Closed, dropped, timed out or failed: nobody will read the rest.
-        abort(list(pending))
 
 
 # BrokenSulisExecutor is part of this module's story; re-exported for convenience.
