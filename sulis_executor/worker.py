@@ -101,13 +101,33 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--local-directory", default=None)
     parser.add_argument("--death-timeout", type=float, default=60.0,
                         help="seconds to keep trying to reach the scheduler before giving up")
+    parser.add_argument("--security-file", default=None,
+                        help="the job's TLS credentials (a mode-0600 file written by the executor)")
+    parser.add_argument("--security-env", default=None, metavar="VARIABLE",
+                        help="environment variable holding the job's TLS credentials as JSON "
+                             "(for workers on other nodes, which cannot read a node-local file); "
+                             "removed from the environment once read")
     parser.add_argument("--verbose", action="store_true", help="let Dask's logs through")
     return parser.parse_args(argv)
 
 
-async def _run(args: argparse.Namespace) -> None:
-    from distributed import Worker
+def _credentials_from_env(variable: str) -> dict[str, str]:
+    import json
 
+    text = os.environ.pop(variable, None)  # tasks' children need not see it
+    if not text:
+        raise ValueError(f"--security-env {variable}: that variable is not set; the launcher "
+                         "that started this worker must pass the job's credentials in it")
+    try:
+        credentials: dict[str, str] = json.loads(text)
+    except ValueError:
+        raise ValueError(f"--security-env {variable}: the variable does not hold JSON "
+                         "credentials") from None
+    return credentials
+
+
+async def _run(args: argparse.Namespace, security: object = None) -> None:
+    from distributed import Worker
     from distributed.utils import get_ip_interface
 
     # The worker's HTTP endpoint (/health, metrics) listens only where its
@@ -116,8 +136,13 @@ async def _run(args: argparse.Namespace) -> None:
     memory_limit: str | int = args.memory_limit
     if memory_limit.isdigit():
         memory_limit = int(memory_limit)
+    if security is None and args.security_file:
+        from ._security import read_credentials_file, security_from
+
+        security = security_from(read_credentials_file(args.security_file))
     worker = Worker(
         args.scheduler,
+        security=security,
         name=args.name,
         nthreads=args.nthreads,
         memory_limit=memory_limit,
@@ -137,17 +162,29 @@ async def _run(args: argparse.Namespace) -> None:
     await worker.finished()
 
 
-def main(argv: list[str] | None = None, *, die_with_parent: bool = True) -> int:
+def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
+         security: object = None) -> int:
     """Run one worker until the scheduler closes or a signal; return the exit status.
 
     ``die_with_parent=False`` is for a worker run inside a process that has
     other duties (an MPI rank), whose parent is the MPI launcher anyway.
+    ``security`` (a ``distributed.Security``) is for such in-process callers,
+    which received the credentials by other means than a file.
     """
     if die_with_parent:
         _die_with_parent()
     args = _parse(argv)
     try:
         args.name = expand_name(args.name, os.environ)
+        if args.interface:
+            # Fail with the list of interfaces this node has, not Dask's error.
+            from .launchers._network import validate_interface
+
+            validate_interface(args.interface)
+        if security is None and args.security_env:
+            from ._security import security_from
+
+            security = security_from(_credentials_from_env(args.security_env))
     except ValueError as error:
         print(f"sulis_executor.worker: {error}", file=sys.stderr)
         return 2
@@ -158,7 +195,7 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True) -> int:
     # Workers never print tracebacks of their own on the way out: a closed
     # scheduler is the normal way for them to end.
     try:
-        asyncio.run(_run(args))
+        asyncio.run(_run(args, security))
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     except Exception as error:

@@ -15,6 +15,7 @@ segfaults) does not take the others down with it.
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import os
@@ -35,6 +36,9 @@ from ._processes import pythonpath_env
 from .base import Cluster, Launcher
 
 logger = logging.getLogger("sulis_executor")
+
+#: The environment variable that carries the TLS credentials to the workers.
+CREDENTIALS_VARIABLE = "SULIS_WORKER_CREDENTIALS"
 
 #: Lines of the step's stderr kept for error messages.
 STDERR_TAIL = 30
@@ -126,31 +130,30 @@ class SrunLauncher(Launcher):
         return argv
 
     def start(self, timeout: float) -> Cluster:
-        from distributed import LocalCluster
+        from ._scheduler import start_scheduler
 
         deadline = time.monotonic() + timeout
         options = self._options
-        host = scheduler_host(options.interface)
-        self._cluster = LocalCluster(
-            n_workers=0,
-            processes=True,
-            scheduler_port=0,
-            host=host,
-            dashboard_address=options.dashboard,
-            silence_logs=logging.INFO if options.verbose else logging.CRITICAL,
-            security=self._security,
-            # With the dashboard off the scheduler still serves /health on
-            # HTTP; keep it off the fixed port 8787 that jobs on a node share.
-            scheduler_kwargs=None if options.dashboard else {"dashboard_address": f"{host}:0"},
-        )
+        self._cluster = start_scheduler(options, self._security, scheduler_host(options.interface))
         address = self._cluster.scheduler_address
-        command = srun_command(self.allocation, self.step_name, self._worker_argv(address))
+        argv = self._worker_argv(address)
+        env = pythonpath_env()
+        if self._security is not None:
+            # Workers on other nodes cannot read a node-local file, so the
+            # credentials travel in the step's environment, which SLURM hands
+            # only to our own tasks (and which is private to our user, as a
+            # mode-0600 file would be); each worker removes it once read.
+            from .._security import credentials_of
+
+            env[CREDENTIALS_VARIABLE] = json.dumps(credentials_of(self._security))
+            argv += ["--security-env", CREDENTIALS_VARIABLE]
+        command = srun_command(self.allocation, self.step_name, argv)
         logger.info("starting %d workers: %s", self.allocation.ntasks, " ".join(command))
         self._proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=pythonpath_env(),
+            env=env,
             # Its own process group: a Ctrl-C meant for the script reaches
             # srun only through close(), not twice.
             start_new_session=True,
@@ -175,6 +178,12 @@ class SrunLauncher(Launcher):
         a = self.allocation
         return (f"SLURM job {a.job_id}: srun step {self.step_name!r} of {a.ntasks} workers "
                 f"on {len(a.nodes)} nodes")
+
+    def dashboard_link(self) -> str | None:
+        if self._cluster is None or not self._options.dashboard:
+            return None
+        link: str = self._cluster.dashboard_link
+        return link
 
     def _pump_stderr(self) -> None:
         # Pass srun's (and the workers') stderr through, keeping the tail

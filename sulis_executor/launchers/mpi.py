@@ -1,0 +1,189 @@
+"""``launch='mpi'``: the script runs as N MPI ranks (``srun --mpi=pmi2``, ``mpiexec``).
+
+Every rank runs the same script and constructs the same executor:
+
+* rank 0 starts the scheduler in its own process, tells the other ranks its
+  address, and returns from the constructor to run the user's code; only this
+  one task is set aside from the workers (``dask_mpi.initialize`` sets aside
+  two: one for the scheduler, one for the client);
+* every other rank becomes a Dask worker inside :meth:`MpiLauncher.start` and
+  never returns: when the scheduler closes (rank 0's executor shuts down) the
+  worker ends and the process exits with status 0 via ``sys.exit``, so code
+  after the constructor only ever runs on rank 0.
+
+mpi4py is imported here only, so no other mode initialises MPI. The address
+travels by point-to-point messages, which worker ranks poll for with a
+deadline (``timeout``), so they do not block forever in MPI if rank 0 fails
+before sending it; if rank 0 fails while starting, it sends the error instead.
+Once running, a worker whose scheduler disappears (rank 0 killed) gives up
+after its death timeout, and SLURM's ``--kill-on-bad-exit`` ends the step
+when a rank exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import Any
+
+from ..config import ExecutorOptions
+from ..slurm import SlurmAllocation
+from ._network import scheduler_host
+from .base import Cluster, Launcher
+from .srun import min_workers_for
+
+logger = logging.getLogger("sulis_executor")
+
+#: MPI tag of the message from rank 0 carrying the scheduler address.
+ADDRESS_TAG = 0x5D5C
+POLL_INTERVAL = 0.01
+
+
+class MpiLauncher(Launcher):
+    name = "mpi"
+
+    def __init__(self, options: ExecutorOptions, security: object = None) -> None:
+        self._options = options
+        self._security = security
+        self._cluster: Any = None
+        self.rank: int | None = None
+        self.size: int | None = None
+
+    def start(self, timeout: float) -> Cluster:
+        try:
+            from mpi4py import MPI
+        except ImportError as error:
+            raise RuntimeError(
+                "launch='mpi' needs mpi4py (pip install 'sulis-executor[mpi]' or "
+                f"load your site's mpi4py module); importing it failed: {error}"
+            ) from None
+        comm = MPI.COMM_WORLD
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        if self.size < 2:
+            raise RuntimeError(
+                "launch='mpi' needs at least 2 MPI ranks (rank 0 runs the scheduler and your "
+                f"code, the others are workers) but this MPI world has {self.size}; start the "
+                "script with 'srun --mpi=pmi2 python script.py' or 'mpiexec -n N python "
+                "script.py', or use launch='local'"
+            )
+        if self.rank != 0:
+            self._serve_as_worker(comm, timeout)  # never returns
+        return self._start_scheduler(comm, timeout)
+
+    # -- rank 0 -----------------------------------------------------------
+
+    def _start_scheduler(self, comm: Any, timeout: float) -> Cluster:
+        from ._scheduler import start_scheduler
+
+        options = self._options
+        try:
+            self._cluster = start_scheduler(options, self._security, scheduler_host(options.interface))
+            message: dict[str, Any] = {"address": self._cluster.scheduler_address}
+            if self._security is not None:
+                # MPI messages reach our own ranks only: no file needed.
+                from .._security import credentials_of
+
+                message["credentials"] = credentials_of(self._security)
+        except BaseException as error:
+            # Tell the workers, so they exit instead of waiting for an address.
+            message = {"error": f"rank 0 could not start the scheduler: {error!r}"}
+            self._send_to_workers(comm, message)
+            raise
+        self._send_to_workers(comm, message)
+        assert self.size is not None
+        expected = self.size - 1
+        minimum = min_workers_for(options.wait_for_workers, expected)
+        return Cluster(
+            target=self._cluster,
+            security=self._security,
+            expected_workers=expected,
+            min_workers=minimum,
+            description=f"an MPI world of {self.size} ranks ({expected} workers)",
+        )
+
+    def _send_to_workers(self, comm: Any, message: dict[str, Any]) -> None:
+        assert self.size is not None
+        requests = [comm.isend(message, dest=rank, tag=ADDRESS_TAG) for rank in range(1, self.size)]
+        # The messages are tiny, so they complete without the receivers
+        # (eager protocol); waiting here keeps their buffers alive until then.
+        for request in requests:
+            request.wait()
+
+    # -- ranks 1..N-1 -----------------------------------------------------
+
+    def _receive_address(self, comm: Any, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while not comm.iprobe(source=0, tag=ADDRESS_TAG):
+            if time.monotonic() > deadline:
+                return {"error": (
+                    f"MPI rank {self.rank} waited {timeout:g} s for rank 0 to send the "
+                    "scheduler address; rank 0 must construct SulisDaskExecutor at the same "
+                    "point as the other ranks (check its output for errors, or raise timeout=)"
+                )}
+            time.sleep(POLL_INTERVAL)
+        message: dict[str, Any] = comm.recv(source=0, tag=ADDRESS_TAG)
+        return message
+
+    def _worker_argv(self, address: str) -> list[str]:
+        options = self._options
+        allocation = _allocation()
+        nthreads = options.nthreads or (allocation.cpus_per_task if allocation else 1)
+        memory = options.memory_limit
+        if memory is None:
+            memory = allocation.memory_per_worker if allocation and allocation.memory_per_worker else "auto"
+        argv = [
+            address,
+            "--name", f"mpi-{self.rank}",
+            "--nthreads", str(nthreads),
+            "--memory-limit", str(memory),
+            # If rank 0 dies the scheduler is gone for good: give up after
+            # this long rather than keep the allocation busy.
+            "--death-timeout", str(max(30.0, options.timeout)),
+        ]
+        if options.interface:
+            argv += ["--interface", options.interface]
+        if options.local_directory:
+            argv += ["--local-directory", options.local_directory]
+        if options.verbose:
+            argv.append("--verbose")
+        return argv
+
+    def _serve_as_worker(self, comm: Any, timeout: float) -> None:
+        from .. import worker
+
+        message = self._receive_address(comm, timeout)
+        if "error" in message:
+            print(f"sulis_executor: {message['error']}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        security = None
+        if "credentials" in message:
+            from .._security import security_from
+
+            security = security_from(message["credentials"])
+        status = worker.main(self._worker_argv(message["address"]), die_with_parent=False,
+                             security=security)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The user's code after the constructor is rank 0's alone.
+        sys.exit(status)
+
+    def close(self, timeout: float) -> None:
+        cluster, self._cluster = self._cluster, None
+        if cluster is not None:
+            # Closing the scheduler tells every worker rank to exit.
+            cluster.close(timeout=timeout)
+
+    def dashboard_link(self) -> str | None:
+        if self._cluster is None or not self._options.dashboard:
+            return None
+        link: str = self._cluster.dashboard_link
+        return link
+
+
+def _allocation() -> SlurmAllocation | None:
+    try:
+        return SlurmAllocation.from_environ(os.environ)
+    except ValueError:
+        return None
