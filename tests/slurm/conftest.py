@@ -1,0 +1,37 @@
+"""Fixtures for tests that run real jobs on the local SLURM test cluster.
+
+The cluster (3 nodes n1..n3, 4 CPUs and 6000 MB each, one machine) is started
+once per session by ``tests/slurm/cluster.sh start``; the first start may
+install slurm-wlm and munge with apt, hence the long deadline. These tests
+never skip: in CI a skip would hide a broken launch mode.
+
+The root conftest strips ``SLURM_*`` and friends from ``os.environ`` for each
+test, so every SLURM command gets its environment from
+:func:`tests.slurm.jobs.job_env`.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from tests.slurm.jobs import CLUSTER_SH
+
+
+@pytest.fixture(scope="session")
+def slurm_conf() -> str:
+    """Start (or find) the test cluster; return its SLURM_CONF."""
+    result = subprocess.run(
+        ["bash", str(CLUSTER_SH), "start"], capture_output=True, text=True, timeout=900,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"{CLUSTER_SH} start failed with status {result.returncode}:\n{result.stderr}"
+        )
+    match = re.search(r"export SLURM_CONF=(\S+)", result.stdout)
+    if match is None:
+        raise RuntimeError(f"{CLUSTER_SH} start printed no SLURM_CONF: {result.stdout!r}")
+    return match.group(1)
+

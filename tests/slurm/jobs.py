@@ -1,0 +1,147 @@
+"""Helpers for the SLURM integration tests: submit a batch script, wait for
+the job with a deadline, read its output, and check it left no processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
+
+#: A small job for every mode: 3 nodes x 2 tasks, 1 CPU each (6 of the 12).
+JOB_SHAPE = ("--nodes=3", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem-per-cpu=500")
+
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
+                "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
+
+
+def job_env(slurm_conf: str, marker: str, **extra: str) -> dict[str, str]:
+    """The environment for sbatch: ours (already stripped of SLURM_* by the
+    root conftest), this repository importable, Dask on loopback, and a
+    unique marker every process of the job inherits (see :func:`job_processes`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_"))}
+    paths = [str(REPO), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    env.update(
+        SLURM_CONF=slurm_conf,
+        PYTHONPATH=os.pathsep.join(paths),
+        PYTHON=sys.executable,
+        EXAMPLES_DIR=str(EXAMPLES),
+        SULIS_EXECUTOR_INTERFACE="lo",
+        SULIS_TEST_MARKER=marker,
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclasses.dataclass
+class Job:
+    job_id: str
+    output: Path
+    marker: str
+    env: dict[str, str]
+    fields: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        return self.fields.get("JobState", "?")
+
+    @property
+    def exit_code(self) -> str:
+        return self.fields.get("ExitCode", "?")
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace") if self.output.exists() else ""
+
+    def describe(self) -> str:
+        return (f"job {self.job_id}: JobState={self.state} ExitCode={self.exit_code}\n"
+                f"--- output ({self.output}) ---\n{self.text()}")
+
+
+def submit(script: Path, tmp_path: Path, slurm_conf: str, *options: str,
+           env: Mapping[str, str] | None = None) -> Job:
+    """``sbatch`` ``script`` (an example's batch script) with ``options``
+    overriding its #SBATCH lines, from the examples directory (so
+    SLURM_SUBMIT_DIR finds the Python scripts) but running in ``tmp_path``."""
+    marker = f"sulis-test-{uuid.uuid4().hex}"
+    job_environ = job_env(slurm_conf, marker, **dict(env or {}))
+    output = tmp_path / "job.out"
+    result = subprocess.run(
+        ["sbatch", "--parsable", f"--output={output}", f"--chdir={tmp_path}",
+         f"--job-name={marker}", *options, str(script)],
+        cwd=EXAMPLES, env=job_environ, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, f"sbatch failed: {result.stderr}"
+    return Job(result.stdout.strip().split(";")[0], output, marker, job_environ)
+
+
+def scontrol_fields(job_id: str, env: Mapping[str, str]) -> dict[str, str]:
+    result = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=dict(env),
+                            capture_output=True, text=True, timeout=30)
+    fields: dict[str, str] = {}
+    for item in result.stdout.split():
+        key, sep, value = item.partition("=")
+        if sep and key not in fields:
+            fields[key] = value
+    return fields
+
+
+def wait_for_job(job: Job, timeout: float = 120.0) -> Job:
+    """Poll ``scontrol show job`` (no accounting here, so no sacct) until
+    the job is in a final state; cancel it and fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        job.fields = scontrol_fields(job.job_id, job.env)
+        if job.state in FINAL_STATES:
+            return job
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job.job_id], env=job.env, timeout=30, check=False)
+            raise AssertionError(f"job did not finish within {timeout:g} s; "
+                                 f"cancelled it.\n{job.describe()}")
+        time.sleep(0.25)
+
+
+def job_processes(marker: str) -> list[str]:
+    """Command lines of processes whose environment holds ``marker``: every
+    process a job started (batch script, scheduler, srun, workers, ranks)."""
+    needle = f"SULIS_TEST_MARKER={marker}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            continue  # gone already, or not ours
+    return found
+
+
+def assert_no_processes_left(job: Job, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while left := job_processes(job.marker):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes of job {job.job_id} still running "
+                                 f"{timeout:g} s after it ended: {left}")
+        time.sleep(0.2)
+
+
+def result_line(job: Job) -> dict[str, object]:
+    lines = [line for line in job.text().splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, f"expected one RESULT line.\n{job.describe()}"
+    parsed: dict[str, object] = json.loads(lines[0][len("RESULT "):])
+    return parsed
+
+
+def assert_clean_success(job: Job) -> None:
+    assert job.state == "COMPLETED" and job.exit_code == "0:0", job.describe()
+    assert "Traceback" not in job.text(), job.describe()
