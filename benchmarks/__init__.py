@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of SulisDaskExecutor and its competitors; see README.md."""

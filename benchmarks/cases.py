@@ -1,0 +1,326 @@
+"""One measurement, in a fresh process.
+
+    python -m benchmarks.cases EXECUTOR CASE N [WORKERS]
+
+runs CASE once on EXECUTOR and prints one line, ``BENCH_RESULT {json}``, with
+its measurements (or ``{"error": ...}``). All timing happens here; every case
+checks its results before its time counts. ``benchmarks.run`` starts one of
+these per measurement; for ``mpi4py`` it runs it under
+``mpiexec -n WORKERS+1 python -m mpi4py.futures -m benchmarks.cases ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+import time
+
+from .tasks import SLEEP_SECONDS, array_sum, inc, sleep_then_return
+
+MARKER = "BENCH_RESULT "
+
+
+# -- executors ----------------------------------------------------------------
+# Each adapter: load() imports, start(workers) builds, then map/submit/gather/close.
+
+
+class Sulis:
+    chunked = False
+
+    def load(self):
+        from sulis_executor import SulisDaskExecutor
+
+        self._cls = SulisDaskExecutor
+
+    def start(self, workers):
+        self.ex = self._cls(max_workers=workers)
+
+    def map(self, fn, items, n):
+        return self.ex.map(fn, items, chunksize=max(1, n // 8) if self.chunked else 1)
+
+    def submit(self, fn, *args):
+        return self.ex.submit(fn, *args)
+
+    def gather(self, futures):
+        return [f.result() for f in futures]
+
+    def close(self):
+        self.ex.shutdown(wait=True)
+
+
+class SulisChunked(Sulis):
+    chunked = True
+
+
+class PPE(Sulis):
+    def load(self):
+        from concurrent.futures import ProcessPoolExecutor
+
+        self._cls = ProcessPoolExecutor
+
+
+class PPEChunked(PPE):
+    chunked = True
+
+
+class MPI(Sulis):
+    def load(self):
+        from mpi4py.futures import MPIPoolExecutor
+
+        self._cls = MPIPoolExecutor
+
+    def start(self, workers):
+        # Under `python -m mpi4py.futures` the pool is the other MPI ranks.
+        self.ex = self._cls()
+
+
+class MPIChunked(MPI):
+    chunked = True
+
+
+class Dask:
+    """Raw Dask: client.map + gather on a loopback LocalCluster."""
+
+    def load(self):
+        from distributed import Client, LocalCluster
+
+        self._client_cls, self._cluster_cls = Client, LocalCluster
+
+    def start(self, workers):
+        self.cluster = self._cluster_cls(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            scheduler_port=0,
+            dashboard_address=None,
+            # The scheduler's HTTP /health endpoint: random loopback port, not 8787.
+            scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+        )
+        self.client = self._client_cls(self.cluster)
+
+    # pure=False everywhere: with Dask's default pure=True, identical calls
+    # (200 sleeps of the same argument) would run once.
+    def map(self, fn, items, n):
+        return self.client.gather(self.client.map(fn, items, pure=False))
+
+    def submit(self, fn, *args):
+        return self.client.submit(fn, *args, pure=False)
+
+    def gather(self, futures):
+        return self.client.gather(futures)
+
+    def close(self):
+        self.client.close()
+        self.cluster.close()
+
+
+class DaskExecutor(Dask):
+    """Dask's own concurrent.futures adapter, client.get_executor(pure=False)."""
+
+    def start(self, workers):
+        super().start(workers)
+        self.ex = self.client.get_executor(pure=False)
+
+    def map(self, fn, items, n):
+        return self.ex.map(fn, items)
+
+    def submit(self, fn, *args):
+        return self.ex.submit(fn, *args)
+
+    def gather(self, futures):
+        return [f.result() for f in futures]
+
+    def close(self):
+        self.ex.shutdown(wait=True)
+        super().close()
+
+
+EXECUTORS = {
+    "sulis": Sulis,
+    "sulis_chunked": SulisChunked,
+    "ppe": PPE,
+    "ppe_chunked": PPEChunked,
+    "dask": Dask,
+    "dask_executor": DaskExecutor,
+    "mpi4py": MPI,
+    "mpi4py_chunked": MPIChunked,
+}
+
+
+# -- memory -------------------------------------------------------------------
+
+
+def _status_kb(field):
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+)", f.read(), re.MULTILINE).group(1))
+
+
+def _reset_peak_rss():
+    """Reset VmHWM (Linux >= 4.0); returns False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+# -- cases --------------------------------------------------------------------
+
+
+def check(ok, what):
+    if not ok:
+        raise AssertionError(f"wrong result: {what}")
+
+
+def warm_up(ex, workers):
+    check(ex.submit(inc, 1).result() == 2, "warm-up submit")
+    check(
+        sum(ex.map(inc, range(4 * workers), 4 * workers))
+        == sum(range(1, 4 * workers + 1)),
+        "warm-up map",
+    )
+
+
+def case_startup(ex, n, workers):
+    t0 = time.perf_counter()
+    ex.load()
+    t1 = time.perf_counter()
+    ex.start(workers)
+    result = ex.submit(inc, 1).result()
+    t2 = time.perf_counter()
+    check(result == 2, "inc(1)")
+    ex.close()
+    t3 = time.perf_counter()
+    return {
+        "import_s": t1 - t0,
+        "first_result_s": t2 - t1,
+        "cold_first_result_s": t2 - t0,
+        "shutdown_s": t3 - t2,
+    }
+
+
+def _timed(ex, n, workers, body):
+    ex.load()
+    ex.start(workers)
+    warm_up(ex, workers)
+    try:
+        return body()
+    finally:
+        ex.close()
+
+
+def case_map(ex, n, workers):
+    def body():
+        t0 = time.perf_counter()
+        total = 0
+        for r in ex.map(inc, range(n), n):
+            total += r
+        dt = time.perf_counter() - t0
+        check(total == n * (n + 1) // 2, f"sum of inc over range({n})")
+        return {"seconds": dt, "items_per_s": n / dt}
+
+    return _timed(ex, n, workers, body)
+
+
+def case_submit(ex, n, workers):
+    def body():
+        t0 = time.perf_counter()
+        futures = [ex.submit(inc, i) for i in range(n)]
+        results = ex.gather(futures)
+        dt = time.perf_counter() - t0
+        check(sum(results) == n * (n + 1) // 2, f"sum of {n} submits")
+        return {"seconds": dt, "tasks_per_s": n / dt}
+
+    return _timed(ex, n, workers, body)
+
+
+def case_sleep(ex, n, workers):
+    def body():
+        t0 = time.perf_counter()
+        results = list(ex.map(sleep_then_return, range(n), 1))
+        dt = time.perf_counter() - t0
+        check(results == list(range(n)), "sleep results in order")
+        ideal = n * SLEEP_SECONDS / workers
+        return {"seconds": dt, "ideal_s": ideal, "efficiency": ideal / dt}
+
+    return _timed(ex, n, workers, body)
+
+
+def case_arrays(ex, n, workers):
+    import numpy as np
+
+    # Random data: Dask compresses frames, and constant arrays would flatter it.
+    arrays = [np.random.default_rng(i).random(1_000_000) for i in range(n)]  # 8 MB each
+    expected = [float(a.sum()) for a in arrays]
+    megabytes = sum(a.nbytes for a in arrays) / 1e6
+
+    def body():
+        t0 = time.perf_counter()
+        results = list(ex.map(array_sum, arrays, 1))
+        dt = time.perf_counter() - t0
+        check(
+            all(math.isclose(r, e, rel_tol=1e-12) for r, e in zip(results, expected)),
+            "array sums",
+        )
+        return {"seconds": dt, "megabytes": megabytes, "mb_per_s": megabytes / dt}
+
+    return _timed(ex, n, workers, body)
+
+
+def case_rss(ex, n, workers):
+    import resource
+
+    def body():
+        exact = _reset_peak_rss()
+        before_kb = _status_kb("VmRSS")
+        maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        total = 0
+        for r in ex.map(inc, range(n), n):
+            total += r
+        dt = time.perf_counter() - t0
+        if exact:
+            growth_kb = _status_kb("VmHWM") - before_kb
+        else:  # peak over the whole life of the process: a lower bound
+            growth_kb = (
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - maxrss_before
+            )
+        check(total == n * (n + 1) // 2, f"sum of inc over range({n})")
+        return {
+            "seconds": dt,
+            "items_per_s": n / dt,
+            "rss_growth_mb": growth_kb / 1024,
+            "rss_before_mb": before_kb / 1024,
+            "rss_exact": exact,
+        }
+
+    return _timed(ex, n, workers, body)
+
+
+CASES = {
+    "startup": case_startup,
+    "map": case_map,
+    "submit": case_submit,
+    "sleep": case_sleep,
+    "arrays": case_arrays,
+    "rss": case_rss,
+}
+
+
+def main(argv):
+    executor, case, n = argv[0], argv[1], int(argv[2])
+    workers = int(argv[3]) if len(argv) > 3 else 2
+    try:
+        result = CASES[case](EXECUTORS[executor](), n, workers)
+        result["ok"] = True
+    except Exception as exc:  # noqa: BLE001 -- reported to the parent, which records it
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    print(MARKER + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
