@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import socket
@@ -201,7 +200,10 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
     except Exception as error:
         if args.verbose:
             raise
-        logging.getLogger("sulis_executor").debug("worker ended: %s", error)
+        # One line, no traceback: enough for a launcher's error message
+        # (the srun mode shows the step's stderr tail) to say what went wrong.
+        print(f"sulis_executor.worker {args.name or ''}: {type(error).__name__}: {error}",
+              file=sys.stderr, flush=True)
         return 1
     return 0
 

@@ -16,8 +16,10 @@ travels by point-to-point messages, which worker ranks poll for with a
 deadline (``timeout``), so they do not block forever in MPI if rank 0 fails
 before sending it; if rank 0 fails while starting, it sends the error instead.
 Once running, a worker whose scheduler disappears (rank 0 killed) gives up
-after its death timeout, and SLURM's ``--kill-on-bad-exit`` ends the step
-when a rank exits non-zero.
+after its death timeout; since MPI_Finalize would then wait forever for the
+dead rank 0, all ranks first meet at a barrier with a deadline, and a worker
+rank that finds rank 0 missing exits with status 1 without finalizing.
+SLURM's ``--kill-on-bad-exit=1`` ends the whole step sooner than that.
 """
 
 from __future__ import annotations
@@ -39,6 +41,24 @@ logger = logging.getLogger("sulis_executor")
 #: MPI tag of the message from rank 0 carrying the scheduler address.
 ADDRESS_TAG = 0x5D5C
 POLL_INTERVAL = 0.01
+#: Seconds the ranks wait for each other at the end (see _finish_together).
+FINISH_TIMEOUT = 15.0
+
+
+def _finish_together(comm: Any, timeout: float) -> bool:
+    """A barrier with a deadline; True if every rank reached it in time.
+
+    MPI_Finalize (run by mpi4py at exit) waits for every rank, so a worker
+    rank whose rank 0 has died would hang there forever. Meeting here first
+    tells each rank whether finalizing is safe.
+    """
+    request = comm.Ibarrier()
+    deadline = time.monotonic() + timeout
+    while not request.Test():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_INTERVAL)
+    return True
 
 
 class MpiLauncher(Launcher):
@@ -140,7 +160,7 @@ class MpiLauncher(Launcher):
             "--memory-limit", str(memory),
             # If rank 0 dies the scheduler is gone for good: give up after
             # this long rather than keep the allocation busy.
-            "--death-timeout", str(max(30.0, options.timeout)),
+            "--death-timeout", str(max(10.0, options.timeout)),
         ]
         if options.interface:
             argv += ["--interface", options.interface]
@@ -164,16 +184,29 @@ class MpiLauncher(Launcher):
             security = security_from(message["credentials"])
         status = worker.main(self._worker_argv(message["address"]), die_with_parent=False,
                              security=security)
-        sys.stdout.flush()
-        sys.stderr.flush()
+        if not _finish_together(comm, FINISH_TIMEOUT):
+            # Rank 0 is gone (the scheduler vanished and it never reached the
+            # final barrier): MPI_Finalize would wait for it forever.
+            print(f"sulis_executor: MPI rank {self.rank}: the scheduler on rank 0 went away "
+                  "and rank 0 did not finish with the other ranks (did it die?); exiting "
+                  "without MPI_Finalize", file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
         # The user's code after the constructor is rank 0's alone.
         sys.exit(status)
 
     def close(self, timeout: float) -> None:
         cluster, self._cluster = self._cluster, None
-        if cluster is not None:
-            # Closing the scheduler tells every worker rank to exit.
-            cluster.close(timeout=timeout)
+        if cluster is None:
+            return
+        deadline = time.monotonic() + timeout
+        # Closing the scheduler tells every worker rank to exit.
+        cluster.close(timeout=timeout)
+        from mpi4py import MPI
+
+        if not _finish_together(MPI.COMM_WORLD, max(1.0, min(FINISH_TIMEOUT, deadline - time.monotonic()))):
+            logger.warning("not every MPI worker rank finished within the deadline; "
+                           "MPI_Finalize at exit may wait for them")
 
     def dashboard_link(self) -> str | None:
         if self._cluster is None or not self._options.dashboard:
