@@ -1,0 +1,123 @@
+"""How the srun and mpi modes start, fail and end, as real SLURM jobs.
+
+* srun: after ``shutdown()`` the worker step is gone from ``squeue`` before
+  the script goes on; a step whose workers cannot start fails the
+  constructor at once with srun's stderr in the error, not after the timeout.
+* mpi: if rank 0 dies, the worker ranks do not hang: they give up after
+  their death timeout and exit, and the job ends.
+
+Scripts are written to ``tmp_path``; both jobs run at the same time.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.jobs import (
+    JOB_SHAPE,
+    Job,
+    assert_clean_success,
+    assert_no_processes_left,
+    result_line,
+    submit,
+    wait_for_job,
+)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+
+SRUN_LIFECYCLE = '''
+import os, subprocess, sys, time
+from _common import report
+from sulis_executor import SulisDaskExecutor
+
+def worker_steps():
+    out = subprocess.run(["squeue", "-h", "-s", "-j", os.environ["SLURM_JOB_ID"], "-o", "%j"],
+                         capture_output=True, text=True, check=True).stdout
+    return [name for name in out.split() if name.startswith("sulis-workers-")]
+
+with SulisDaskExecutor() as ex:
+    workers = ex.num_workers
+    steps_while_open = worker_steps()
+    squares = list(ex.map(pow, range(20), [2] * 20))
+started = time.monotonic()
+while (steps_after := worker_steps()) and time.monotonic() - started < 20:
+    time.sleep(0.2)
+
+# Workers that cannot start: the srun step ends early, and says why.
+started = time.monotonic()
+try:
+    SulisDaskExecutor(local_directory="/proc/not-writable", timeout=60)
+    early = "no error"
+except RuntimeError as error:
+    early = str(error)
+early_seconds = time.monotonic() - started
+
+report(workers=workers, steps_while_open=len(steps_while_open), steps_after=steps_after,
+       ok=squares == [i * i for i in range(20)], early=early, early_seconds=early_seconds)
+'''
+
+MPI_RANK0_DIES = '''
+import os
+from sulis_executor import SulisDaskExecutor
+ex = SulisDaskExecutor()
+print("rank 0 up with", ex.num_workers, "workers", flush=True)
+os._exit(3)  # rank 0 dies without shutting anything down
+'''
+
+
+def batch_script(path: Path, body: str) -> Path:
+    path.write_text("#!/bin/bash\n" + textwrap.dedent(body))
+    return path
+
+
+@pytest.fixture(scope="module")
+def submitted(slurm_conf: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Job]:
+    jobs = {}
+    srun_dir = tmp_path_factory.mktemp("srun-lifecycle")
+    (srun_dir / "lifecycle.py").write_text(SRUN_LIFECYCLE)
+    script = batch_script(srun_dir / "job.sbatch", """
+        export PYTHONPATH="$EXAMPLES_DIR:$PYTHONPATH"   # for _common
+        "$PYTHON" lifecycle.py
+    """)
+    jobs["srun"] = submit(script, srun_dir, slurm_conf, *JOB_SHAPE)
+
+    mpi_dir = tmp_path_factory.mktemp("mpi-rank0-dies")
+    (mpi_dir / "dies.py").write_text(MPI_RANK0_DIES)
+    # --kill-on-bad-exit=0: SLURM leaves the other ranks running, so they
+    # must end by themselves.
+    script = batch_script(mpi_dir / "job.sbatch", """
+        srun --mpi=pmi2 --kill-on-bad-exit=0 "$PYTHON" dies.py
+    """)
+    jobs["mpi"] = submit(script, mpi_dir, slurm_conf, *JOB_SHAPE,
+                         env={"SULIS_EXECUTOR_TIMEOUT": "10"})
+    return jobs
+
+
+def test_srun_step_ends_with_the_executor_and_early_exit_is_reported(
+        submitted: dict[str, Job]) -> None:
+    job = wait_for_job(submitted["srun"], timeout=150)
+    assert_clean_success(job)
+    assert_no_processes_left(job)
+    result = result_line(job)
+    assert result["ok"] is True and result["workers"] == 6, job.describe()
+    assert result["steps_while_open"] == 1, job.describe()
+    assert result["steps_after"] == [], job.describe()
+    early = str(result["early"])
+    assert "srun step that starts the workers" in early and "exited with status" in early, early
+    assert "srun: error" in early or "sulis_executor.worker" in early, early
+    assert result["early_seconds"] < 30, job.describe()  # type: ignore[operator]
+
+
+@pytest.mark.mpi
+def test_mpi_worker_ranks_exit_when_rank0_dies(submitted: dict[str, Job]) -> None:
+    # Death timeout (10 s) + final barrier (15 s) + start-up: well under 90 s.
+    job = wait_for_job(submitted["mpi"], timeout=90)
+    assert_no_processes_left(job)
+    text = job.text()
+    assert "rank 0 up with 5 workers" in text, job.describe()
+    assert job.state == "FAILED" and job.exit_code != "0:0", job.describe()
+    assert "exiting without MPI_Finalize" in text, job.describe()
+    assert "Traceback" not in text, job.describe()
