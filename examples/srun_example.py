@@ -26,7 +26,7 @@ def count_primes(chunk: range) -> int:
     )
 
 
-def where(_: int) -> str:
+def node_name() -> str:
     return os.environ.get("SLURMD_NODENAME", "?")
 
 
@@ -37,11 +37,12 @@ if __name__ == "__main__":
     with SulisDaskExecutor() as ex:  # was: ProcessPoolExecutor()
         print(f"{ex.launch_mode} mode, {ex.num_workers} workers", flush=True)
         total = sum(ex.map(count_primes, chunks))
-        nodes = sorted(set(ex.map(where, range(4 * ex.num_workers))))
+        # ex.client is a plain distributed.Client: ask every worker where it runs.
+        nodes = sorted(set(ex.client.run(node_name).values()))
         threads = sorted(ex.client.nthreads().values())
         workers = ex.num_workers
 
     expected = count_primes(range(0, size))
-    print(f"{total} primes below {size}, computed on nodes {', '.join(nodes)}")
+    print(f"{total} primes below {size}, with workers on nodes {', '.join(nodes)}")
     report(mode=ex.launch_mode, workers=workers, ok=total == expected, threads=threads,
            nodes=nodes)

@@ -24,6 +24,7 @@ from tests.slurm.jobs import (
     result_line,
     submit,
     wait_for_job,
+    wait_for_mpi_job,
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
@@ -50,7 +51,8 @@ def submitted(slurm_conf: str, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def finished(submitted: dict[str, Job], name: str) -> Job:
-    job = wait_for_job(submitted[name], timeout=150)
+    wait = wait_for_mpi_job if name == "mpi" else wait_for_job
+    job = wait(submitted[name], timeout=150)
     assert_clean_success(job)
     assert_no_processes_left(job)
     return job

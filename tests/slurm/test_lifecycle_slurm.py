@@ -24,6 +24,7 @@ from tests.slurm.jobs import (
     result_line,
     submit,
     wait_for_job,
+    wait_for_mpi_job,
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
@@ -114,7 +115,7 @@ def test_srun_step_ends_with_the_executor_and_early_exit_is_reported(
 @pytest.mark.mpi
 def test_mpi_worker_ranks_exit_when_rank0_dies(submitted: dict[str, Job]) -> None:
     # Death timeout (10 s) + final barrier (15 s) + start-up: well under 90 s.
-    job = wait_for_job(submitted["mpi"], timeout=90)
+    job = wait_for_mpi_job(submitted["mpi"], timeout=90)
     assert_no_processes_left(job)
     text = job.text()
     assert "rank 0 up with 5 workers" in text, job.describe()
