@@ -39,7 +39,12 @@ from typing import Any
 import cloudpickle
 
 from . import _remote
-from .errors import BrokenSulisExecutor, RemoteTraceback, UnpicklableError, WorkerDiedError
+from .errors import (
+    BrokenSulisExecutor,
+    RemoteTraceback,
+    UnpicklableError,
+    WorkerDiedError,
+)
 
 logger = logging.getLogger("sulis_executor")
 
@@ -55,6 +60,10 @@ SCATTER_THRESHOLD = 1_000_000
 #: work stays spread over the workers.
 TARGET_BATCH_SECONDS = 0.02
 MAX_BATCH_CALLS = 4096
+
+#: How long the collector waits for results it was told are ready before
+#: treating them as lost with a worker and waiting for Dask to recompute them.
+GATHER_TIMEOUT = 5.0
 
 
 class Call:
@@ -139,6 +148,25 @@ def unpicklable_error(call: Call, error: Exception) -> UnpicklableError:
     failure = UnpicklableError(f"the call could not be pickled: {error}")
     failure.__cause__ = error
     return failure
+
+
+def submit_queued(client: Any, key: str, func: Any, *args: Any) -> Any:
+    """Submit ``func(*args)`` as a task the scheduler holds in its queue until
+    a worker thread is free, as ``ProcessPoolExecutor``'s workers take calls.
+
+    Dask queues only "root-ish" tasks: groups larger than twice the cluster's
+    threads, which our few batches in flight never are. Without queuing, a
+    task goes to a worker at once, possibly behind a long call while another
+    worker idles, until work stealing moves it a second or more later.
+    Marking the task a data producer makes the scheduler queue it.
+    """
+    try:
+        from dask._task_spec import Task
+    except ImportError:  # an older dask: no queuing, only a little less balance
+        return client.submit(func, *args, key=key, pure=False)
+    task = Task(key, func, *args, _data_producer=True)
+    (future,) = client.get({key: task}, [key], sync=False)
+    return future
 
 
 class Engine:
@@ -313,13 +341,8 @@ class Engine:
         try:
             if len(payload) > SCATTER_THRESHOLD:
                 payload = self.client.scatter(payload, hash=False, direct=False)
-            dask_future = self.client.submit(
-                _remote.run_batch,
-                payload,
-                self.token,
-                self.has_initializer,
-                key=batch.batch_id,
-                pure=False,
+            dask_future = submit_queued(
+                self.client, batch.batch_id, _remote.run_batch, payload, self.token, self.has_initializer
             )
         except Exception as error:
             with self._lock:
@@ -352,24 +375,67 @@ class Engine:
         with self._lock:
             pairs = [(f, self._in_flight.pop(f.key, None)) for f in dask_futures]
         pairs = [(f, b) for f, b in pairs if b is not None]
+        # A result lost with its worker is recomputed by Dask: keep waiting.
+        lost = [(f, b) for f, b in pairs if f.status in ("lost", "pending")]
+        if lost:
+            with self._lock:
+                for _, batch in lost:
+                    self._in_flight[batch.batch_id] = batch
+            for dask_future, _ in lost:
+                dask_future.add_done_callback(self._done.put)
+            pairs = [(f, b) for f, b in pairs if f.status not in ("lost", "pending")]
         finished = [(f, b) for f, b in pairs if f.status == "finished"]
         if finished:
-            try:
-                payloads = self.client.gather([f for f, _ in finished])
-            except Exception:
-                payloads = [self._gather_one(f) for f, _ in finished]
-            for (_, batch), payload in zip(finished, payloads):
-                self._deliver(batch, payload)
+            payloads = self._gather([f for f, _ in finished])
+            if payloads is None:
+                # The data went with a dead worker and is being recomputed:
+                # wait for it like any other task still running.
+                with self._lock:
+                    for _, batch in finished:
+                        self._in_flight[batch.batch_id] = batch
+                for dask_future, _ in finished:
+                    dask_future.add_done_callback(self._done.put)
+                finished_ids = {id(f) for f, _ in finished}
+                pairs = [(f, b) for f, b in pairs if id(f) not in finished_ids]
+            else:
+                for (_, batch), payload in zip(finished, payloads):
+                    self._deliver(batch, payload)
         for dask_future, batch in pairs:
             if dask_future.status != "finished":
                 self._settle(batch, self._failure_of(dask_future, batch))
             dask_future.release()
 
-    def _gather_one(self, dask_future: Any) -> Any:
+    def _gather(self, dask_futures: list[Any]) -> list[Any] | None:
+        """Fetch results, each a payload or the exception fetching it raised.
+
+        ``None`` means a result was lost on the way (its worker died) and Dask
+        is recomputing it. ``Client.gather`` then waits without a deadline,
+        so it runs in a helper thread and the collector waits a bounded time.
+        """
+        attempt: Future[list[Any]] = Future()
+
+        def gather() -> None:
+            try:
+                attempt.set_result(self.client.gather(dask_futures))
+            except BaseException as error:
+                attempt.set_exception(error)
+
+        threading.Thread(target=gather, name="sulis-executor-gather", daemon=True).start()
         try:
-            return dask_future.result(timeout=30)
-        except BaseException as error:
-            return error
+            return attempt.result(timeout=GATHER_TIMEOUT)
+        except TimeoutError:
+            return None
+        except Exception:
+            pass
+        results = []
+        for dask_future in dask_futures:
+            try:
+                results.append(dask_future.result(timeout=GATHER_TIMEOUT))
+            except TimeoutError:
+                return None
+            except BaseException as error:
+                results.append(error)
+        return results
 
     def _failure_of(self, dask_future: Any, batch: Batch) -> BaseException:
         from distributed.scheduler import KilledWorker
@@ -434,27 +500,7 @@ class Engine:
         for call in batch.calls:
             self._set(call, error, error=True)
 
-    # -- aborting, breaking and closing -------------------------------------
-
-    def abort(self, futures: list[Future[Any]]) -> None:
-        """Drop map chunks nobody will read: cancel queued ones, and cancel the
-        cluster tasks of those already sent."""
-        dask_futures = []
-        for future in futures:
-            if future.cancel():
-                continue
-            with self._lock:
-                for batch in self._in_flight.values():
-                    if len(batch.calls) == 1 and batch.calls[0].future is future:
-                        del self._in_flight[batch.batch_id]
-                        dask_futures.append(batch.dask_future)
-                        break
-        if dask_futures:
-            try:
-                self.client.cancel([f for f in dask_futures if f is not None])
-            except Exception:
-                logger.debug("could not cancel abandoned map chunks", exc_info=True)
-            self._pump()
+    # -- breaking and closing -------------------------------------
 
     def broken_error(self) -> BrokenSulisExecutor:
         error = BrokenSulisExecutor(f"{self.broken}; the executor is not usable any more")

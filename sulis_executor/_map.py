@@ -100,7 +100,6 @@ def ordered_results(
     sizer: ChunkSizer,
     window: int,
     submit_chunk: Callable[[Callable[..., Any], list[Any], int, bool], Future[Any]],
-    abort: Callable[[list[Future[Any]]], None],
     end_time: float | None,
 ) -> Iterator[Any]:
     """Submit the first ``window`` chunks now; return the results iterator."""
@@ -121,7 +120,7 @@ def ordered_results(
 
     while len(pending) < window and submit_next():
         pass
-    return _results(pending, submit_next, sizer, window, abort, end_time)
+    return _results(pending, submit_next, sizer, window, end_time)
 
 
 def _results(
@@ -129,7 +128,6 @@ def _results(
     submit_next: Callable[[], bool],
     sizer: ChunkSizer,
     window: int,
-    abort: Callable[[list[Future[Any]]], None],
     end_time: float | None,
 ) -> Iterator[Any]:
     try:
@@ -146,10 +144,18 @@ def _results(
             sizer.observe(len(values) + (error is not None), seconds)
             while len(pending) < window and submit_next():
                 pass
-            yield from values
+            # Pop as we go: the paused iterator must not keep a result alive
+            # once it has been handed out (CPython's bpo-14406).
+            values.reverse()
+            while values:
+                yield values.pop()
             del values
             if error is not None:
                 raise rebuild_exception(error[1], error[2])
     finally:
         # Closed, dropped, timed out or failed: nobody will read the rest.
-        abort(list(pending))
+        # Chunks still queued are cancelled; those already handed to the
+        # cluster finish, as running calls do in ProcessPoolExecutor, and
+        # shutdown(wait=True) waits for them.
+        for future in pending:
+            future.cancel()

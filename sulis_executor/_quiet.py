@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 
-_DASK_LOGGERS = ("distributed", "dask", "tornado", "bokeh")
+# distributed.client and distributed.gc get levels of their own from Dask's
+# logging config, so silencing "distributed" alone does not reach them.
+_DASK_LOGGERS = ("distributed", "distributed.client", "distributed.gc", "dask", "tornado", "bokeh")
 
 
 def silence_dask_logs(verbose: bool) -> None:

@@ -137,6 +137,17 @@ def _parse_dashboard(value: Any) -> str | None:
     return text
 
 
+def _parse_security(value: Any) -> Any:
+    """``True``: TLS with credentials made for this job (when the executor
+    starts the cluster). ``False``: plain TCP, unsafe on shared machines. A
+    ``distributed.Security`` object: used as given (for clusters you run)."""
+    if isinstance(value, (bool, str)):
+        return _parse_bool(value)
+    if type(value).__name__ == "Security":
+        return value
+    raise ValueError("expected True, False or a distributed.Security object")
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     """One executor option: its default, how to parse it, and what it means."""
@@ -182,6 +193,9 @@ OPTIONS: dict[str, Option] = {
                "Dashboard address; off by default, True binds localhost on a random port."),
         Option("verbose", False, _parse_bool,
                "Let Dask's own logs through (they are silenced by default)."),
+        Option("security", True, _parse_security,
+               "TLS with per-job credentials (True), plain TCP (False, unsafe on "
+               "shared machines), or a distributed.Security object."),
     )
 }
 
@@ -202,6 +216,7 @@ class ExecutorOptions:
     timeout: float = 60.0
     dashboard: str | None = None
     verbose: bool = False
+    security: Any = True
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
 

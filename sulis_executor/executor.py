@@ -14,7 +14,13 @@ from typing import Any, TypeVar
 
 from . import _remote
 from ._engine import Engine
-from ._map import AUTO_CHUNKSIZE, WINDOW_PER_THREAD, ChunkSizer, items_hint, ordered_results
+from ._map import (
+    AUTO_CHUNKSIZE,
+    WINDOW_PER_THREAD,
+    ChunkSizer,
+    items_hint,
+    ordered_results,
+)
 from ._quiet import silence_dask_logs
 from .config import ExecutorOptions, resolve_options
 from .errors import BrokenSulisExecutor, ClusterStartupTimeout
@@ -25,6 +31,29 @@ __all__ = ["SulisDaskExecutor"]
 logger = logging.getLogger("sulis_executor")
 
 T = TypeVar("T")
+
+
+#: Modes in which the executor starts the cluster, and so makes its credentials.
+SELF_STARTED_MODES = ("local", "srun", "mpi")
+
+
+def job_security(mode: str, options: ExecutorOptions) -> Any:
+    """The ``distributed.Security`` for this cluster, or ``None`` for plain TCP.
+
+    A cluster we start gets TLS with credentials made for it alone. For a
+    cluster someone else started, ``None`` lets Dask use its own
+    configuration (``distributed.comm.tls.*``), unless a ``Security`` object
+    was given.
+    """
+    if options.security is False:
+        return None
+    if options.security is True:
+        if mode in SELF_STARTED_MODES:
+            from ._security import generate_credentials, security_from
+
+            return security_from(generate_credentials())
+        return None
+    return options.security
 
 
 def _shutdown_engine(engine: Engine) -> None:
@@ -87,7 +116,7 @@ class SulisDaskExecutor(Executor):
         self._teardown_thread: threading.Thread | None = None
         self._mode, reason = choose_launch_mode(self._options, os.environ)
         logger.info("launch mode %r: %s", self._mode, reason)
-        self._launcher = make_launcher(self._mode, self._options)
+        self._launcher = make_launcher(self._mode, self._options, job_security(self._mode, self._options))
         self._engine = self._start(initializer, tuple(initargs))
         self._finalizer = weakref.finalize(self, _shutdown_engine, self._engine)
 
@@ -226,7 +255,7 @@ class SulisDaskExecutor(Executor):
         fixed = None if chunksize is AUTO_CHUNKSIZE else chunksize
         sizer = ChunkSizer(fixed, lambda: engine.threads, items_hint(iterables))
         window = buffersize if buffersize is not None else WINDOW_PER_THREAD * engine.threads
-        return ordered_results(fn, iterables, sizer, window, submit_chunk, engine.abort, end_time)
+        return ordered_results(fn, iterables, sizer, window, submit_chunk, end_time)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:

@@ -50,12 +50,18 @@ def scheduler_address(host_executor) -> str:
     return host_executor.client.scheduler.address
 
 
+@pytest.fixture(scope="session")
+def cluster_security(host_executor):
+    """The session cluster's TLS credentials (``distributed.Security``)."""
+    return host_executor.client.security
+
+
 @pytest.fixture
-def shared_executor(scheduler_address):
+def shared_executor(scheduler_address, cluster_security):
     """An executor attached to the session cluster; shut down after the test."""
     from sulis_executor import SulisDaskExecutor
 
-    ex = SulisDaskExecutor(address=scheduler_address, wait_for_workers=2)
+    ex = SulisDaskExecutor(address=scheduler_address, security=cluster_security, wait_for_workers=2)
     yield ex
     ex.shutdown(wait=True, cancel_futures=True)
 

@@ -303,14 +303,8 @@ def test_abandoning_the_map_iterator_cancels_the_calls_not_yet_started(executor,
     assert len(ran) <= 1 + 2 + 3, f"cancelled items ran: {sorted(ran)}"
 
 
-def test_map_results_are_not_kept_alive_by_the_iterator(executor, request):
+def test_map_results_are_not_kept_alive_by_the_iterator(executor):
     # CPython's test_free_reference (bpo-14406).
-    if is_sulis(executor):
-        request.applymarker(pytest.mark.xfail(
-            reason="BUG: _map._results does `yield from values`, so the suspended results "
-                   "iterator keeps the chunk's values list, hence the last yielded object, alive",
-            strict=True,
-        ))
     for obj in executor.map(h.make_dummy, range(10)):
         ref = weakref.ref(obj)
         del obj

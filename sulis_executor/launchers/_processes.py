@@ -20,10 +20,14 @@ from collections.abc import Callable, Sequence
 
 logger = logging.getLogger("sulis_executor")
 
-#: A slot whose process died this many times within QUICK_DEATH seconds of
-#: starting is given up.
+#: A slot whose worker failed to start (exit status 1 or 2: an error before
+#: or while joining the scheduler) this many times, each within QUICK_DEATH
+#: seconds of starting, is given up. Workers killed by a signal or by a task
+#: (os._exit, a segfault) are always replaced: that is a task's fault, and
+#: Dask fails such a task after a few tries.
 MAX_QUICK_DEATHS = 5
 QUICK_DEATH = 5.0
+STARTUP_FAILURE_CODES = (1, 2)
 
 
 def worker_command(scheduler: str, name: str, extra: Sequence[str] = ()) -> list[str]:
@@ -77,7 +81,8 @@ class WorkerProcesses:
             with self._lock:
                 if self._closing:
                     return
-            quick_deaths = quick_deaths + 1 if time.monotonic() - started < QUICK_DEATH else 0
+            quick = time.monotonic() - started < QUICK_DEATH
+            quick_deaths = quick_deaths + 1 if quick and returncode in STARTUP_FAILURE_CODES else 0
             if quick_deaths >= MAX_QUICK_DEATHS:
                 logger.error("worker slot %d died %d times right after starting (exit %s); "
                              "not restarting it", slot, quick_deaths, returncode)

@@ -10,12 +10,13 @@ has no business listening on the network.
 
 from __future__ import annotations
 
-import logging
 import os
-import sys
 
+from .._security import CredentialsFile, credentials_of
 from ..config import ExecutorOptions
+from ._network import validate_interface
 from ._processes import WorkerProcesses, pythonpath_env, worker_command
+from ._scheduler import start_scheduler
 from .base import Cluster, Launcher
 
 
@@ -35,25 +36,17 @@ class LocalLauncher(Launcher):
         self._security = security
         self._cluster = None
         self._workers: WorkerProcesses | None = None
+        self._credentials: CredentialsFile | None = None
         self.n_workers = options.max_workers or default_worker_count()
 
     def start(self, timeout: float) -> Cluster:
-        from distributed import LocalCluster
-
         options = self._options
+        if options.interface:
+            validate_interface(options.interface)
         bind = ["--interface", options.interface] if options.interface else ["--host", "127.0.0.1"]
-        self._cluster = LocalCluster(
-            n_workers=0,
-            processes=True,
-            scheduler_port=0,
-            dashboard_address=options.dashboard,
-            silence_logs=logging.INFO if options.verbose else logging.CRITICAL,
-            security=self._security,
-            # With the dashboard off, the scheduler still serves /health on
-            # HTTP; keep it off Dask's fixed port 8787, which jobs share.
-            scheduler_kwargs=None if options.dashboard else {"dashboard_address": "127.0.0.1:0"},
-            **({"interface": options.interface} if options.interface else {"host": "127.0.0.1"}),
-        )
+        # Loopback unless an interface is named: a local cluster has no
+        # business listening on the network.
+        self._cluster = start_scheduler(options, self._security, None if options.interface else "127.0.0.1")
         address = self._cluster.scheduler_address
         extra = [
             "--nthreads", str(options.nthreads or 1),
@@ -64,6 +57,9 @@ class LocalLauncher(Launcher):
             extra += ["--local-directory", options.local_directory]
         if options.verbose:
             extra.append("--verbose")
+        if self._security is not None:
+            self._credentials = CredentialsFile(credentials_of(self._security))
+            extra += ["--security-file", self._credentials.path]
         self._workers = WorkerProcesses(
             self.n_workers,
             lambda slot, generation: worker_command(address, f"local-{slot}-{generation}", extra),
@@ -88,11 +84,12 @@ class LocalLauncher(Launcher):
         cluster, self._cluster = self._cluster, None
         if cluster is not None:
             cluster.close(timeout=timeout)
+        credentials, self._credentials = self._credentials, None
+        if credentials is not None:
+            credentials.remove()
 
     def dashboard_link(self) -> str | None:
         if self._cluster is None or not self._options.dashboard:
             return None
         return self._cluster.dashboard_link
 
-
-del sys

@@ -1,0 +1,53 @@
+"""The scheduler, run inside the executor's own process.
+
+Shared by every mode in which the executor starts its cluster (local, srun,
+mpi), so they agree on the details that matter:
+
+* ``worker-saturation`` is 1.0: a task goes to a worker only when a thread
+  is free. Dask's default (1.1) lets a single-threaded worker hold a second
+  task behind the running one, so a short call can wait behind a long one
+  while another worker idles; ``ProcessPoolExecutor`` never does that. The
+  executor keeps the next batches ready in the scheduler's queue instead.
+* TLS when a ``Security`` is given, random ports only, and the HTTP
+  endpoint (``/health``, and the dashboard when asked for) bound to the
+  scheduler's own host, never to Dask's shared port 8787.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import dask.config
+
+from ..config import ExecutorOptions
+
+
+def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -> Any:
+    """Start a scheduler (as a worker-less ``LocalCluster``) bound to ``host``
+    (or ``options.interface`` when ``host`` is ``None``)."""
+    from distributed import LocalCluster
+
+    bind: dict[str, Any] = {"host": host} if host else {"interface": options.interface}
+    http_host = host or "127.0.0.1"
+    if options.dashboard:
+        # ":port" alone would bind every interface; keep it on our host.
+        dashboard = options.dashboard
+        if dashboard.startswith(":"):
+            dashboard = f"{http_host}{dashboard}"
+        scheduler_kwargs = None
+    else:
+        dashboard = None
+        scheduler_kwargs = {"dashboard_address": f"{http_host}:0"}
+    with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+        return LocalCluster(
+            n_workers=0,
+            processes=True,
+            scheduler_port=0,
+            dashboard_address=dashboard,
+            silence_logs=logging.INFO if options.verbose else logging.CRITICAL,
+            security=security,
+            protocol="tls://" if security is not None else "tcp://",
+            scheduler_kwargs=scheduler_kwargs,
+            **bind,
+        )
