@@ -205,7 +205,7 @@ def test_dashboard_when_asked_for_binds_localhost():
 
 
 def test_joblib_dask_backend_runs_on_the_executors_cluster(shared_executor):
-    joblib = pytest.importorskip("joblib")
+    import joblib
     worker_pid_set = set(worker_pids(shared_executor).values())
     with joblib.parallel_config(backend="dask"):
         pids = joblib.Parallel(n_jobs=-1)(joblib.delayed(tasks.pid_of_worker)(i) for i in range(20))
