@@ -317,6 +317,8 @@ def main(argv):
     try:
         result = CASES[case](EXECUTORS[executor](), n, workers)
         result["ok"] = True
+    except ModuleNotFoundError as exc:  # an optional competitor or numpy is missing
+        result = {"ok": False, "skip": f"skipped: {exc.name} not installed"}
     except Exception as exc:  # noqa: BLE001 -- reported to the parent, which records it
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
     print(MARKER + json.dumps(result), flush=True)

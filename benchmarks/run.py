@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import platform
@@ -109,8 +110,8 @@ def run_child(executor, case, n, workers, timeout):
     args = ["-m", "benchmarks.cases", executor, case, str(n), str(workers)]
     if executor.startswith("mpi4py"):
         mpiexec = _mpiexec()
-        if mpiexec is None:
-            return {"status": "skipped", "reason": "mpiexec not found"}
+        if mpiexec is None or importlib.util.find_spec("mpi4py") is None:
+            return {"status": "skipped", "reason": "skipped: mpi4py or mpiexec missing"}
         cmd = [
             mpiexec,
             "-n",
@@ -159,6 +160,8 @@ def run_child(executor, case, n, workers, timeout):
             "wall_s": wall,
         }
     result = json.loads(lines[-1][len(MARKER) :])
+    if "skip" in result:
+        return {"status": "skipped", "reason": result["skip"], "wall_s": wall}
     if not result.pop("ok"):
         return {"status": "error", "reason": result["error"], "wall_s": wall}
     return {"status": "ok", "wall_s": wall, **result}
@@ -602,7 +605,7 @@ def _meta(args, mode):
         "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}",
         "versions": ", ".join(versions),
-        "command": "python -m benchmarks.run " + " ".join(args),
+        "command": " ".join(["python -m benchmarks.run", *args]),
     }
 
 
@@ -628,7 +631,7 @@ def main(argv=None):
     parser.add_argument(
         "--limit",
         type=float,
-        help="skip runs estimated to take longer than this (60 s; quick: 5 s)",
+        help="skip runs estimated to take longer than this (60 s; quick: 10 s)",
     )
     parser.add_argument(
         "--executors", nargs="+", choices=ALL, help="only these executors"
@@ -645,7 +648,7 @@ def main(argv=None):
     plan = QUICK if quick else FULL
     repeats = args.repeats or (1 if quick else 3)
     timeout = args.timeout or (60 if quick else 120)
-    limit = args.limit or (5 if quick else 60)
+    limit = args.limit or (10 if quick else 60)
     out = args.out or (RESULTS / "quick" if quick else RESULTS)
 
     meta = _meta(argv, "quick" if quick else "full")
