@@ -1,0 +1,180 @@
+"""Nothing lost, nothing hung, no one else let in: the local-mode faults.
+
+* A client without this cluster's credentials is refused, over ``tls://``
+  with some other self-signed certificate and over plain ``tcp://`` to the
+  same port; the executor's own work still runs.
+* Ctrl-C (SIGINT to the process group) of a script in the middle of a
+  ``map`` leaves no worker process behind.
+* A garbage SLURM variable in a batch environment fails the constructor at
+  once with a ``ValueError`` naming the variable.
+
+The SLURM counterparts run as real jobs in ``tests/slurm/test_faults_slurm.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sulis_executor import SulisDaskExecutor
+
+REPO = Path(__file__).resolve().parents[1]
+DUMPS = REPO / "tests" / "data" / "slurm_env"
+
+
+def refused(address: str, security: object, timeout: float = 3.0) -> str:
+    """Try to connect a Client; return how it was refused (or fail)."""
+    from distributed import Client
+
+    started = time.monotonic()
+    try:
+        client = Client(address, security=security, timeout=timeout, set_as_default=False)
+    except Exception as error:  # noqa: BLE001 - any refusal will do
+        elapsed = time.monotonic() - started
+        assert elapsed < timeout + 10, f"refusal took {elapsed:.1f} s"
+        return f"{type(error).__name__}: {error}"
+    client.close()
+    raise AssertionError(f"a client without the job's credentials connected to {address}")
+
+
+@pytest.mark.timeout(60)
+def test_local_cluster_refuses_clients_without_its_credentials() -> None:
+    from distributed.security import Security
+
+    with SulisDaskExecutor(max_workers=1) as ex:
+        address = ex.client.scheduler.address
+        assert address.startswith("tls://"), address
+        hostport = address[len("tls://"):]
+        tls_error = refused(address, Security.temporary())
+        tcp_error = refused(f"tcp://{hostport}", None)
+        # ... and the cluster still works for its owner.
+        assert list(ex.map(pow, range(10), [2] * 10)) == [i * i for i in range(10)]
+    assert tls_error and tcp_error
+
+
+CTRL_C_SCRIPT = """
+import json, os, time
+from sulis_executor import SulisDaskExecutor
+
+def slow(x):
+    time.sleep(0.02)
+    return x
+
+with SulisDaskExecutor(max_workers=2) as ex:
+    pids = sorted(ex.client.run(os.getpid).values())
+    print("READY " + json.dumps({"main": os.getpid(), "workers": pids}), flush=True)
+    for _ in ex.map(slow, range(10**6)):
+        pass
+"""
+
+
+def _wait_for_ready(proc: subprocess.Popen[str], deadline: float) -> dict[str, object]:
+    assert proc.stdout is not None
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if line.startswith("READY "):
+            ready: dict[str, object] = json.loads(line[len("READY "):])
+            return ready
+    proc.kill()
+    raise AssertionError(f"the script never got ready; its output: {''.join(seen)}")
+
+
+def _gone(pids: list[int], timeout: float) -> list[int]:
+    """The pids among ``pids`` still alive (not zombies) after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for pid in pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("target", ["group", "main"])
+def test_ctrl_c_in_a_map_leaves_no_worker_behind(tmp_path: Path, target: str) -> None:
+    """``group``: what a terminal's Ctrl-C does (SIGINT to every process of the
+    foreground group, workers included); ``main``: only the script's process
+    gets it (``kill -INT <pid>``)."""
+    script = tmp_path / "ctrl_c.py"
+    script.write_text(textwrap.dedent(CTRL_C_SCRIPT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        ready = _wait_for_ready(proc, time.monotonic() + 60)
+        workers = list(ready["workers"])  # type: ignore[call-overload]
+        assert len(workers) == 2 and ready["main"] == proc.pid, ready
+        children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        if target == "group":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGINT)
+        started = time.monotonic()
+        try:
+            _, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the script did not exit within 30 s of Ctrl-C") from None
+        elapsed = time.monotonic() - started
+        assert proc.returncode != 0, stderr
+        assert "KeyboardInterrupt" in stderr, stderr
+        left = _gone(sorted(set(workers) | set(children)), timeout=5)
+        assert not left, (f"processes left {elapsed:.1f} s after Ctrl-C: "
+                          f"{[psutil.Process(p).cmdline() for p in left]}")
+        assert elapsed < 20, f"exit took {elapsed:.1f} s after Ctrl-C"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# --- garbage SLURM variables ----------------------------------------------
+
+def batch_environment() -> dict[str, str]:
+    """A real batch script's environment (3 nodes x 2 tasks), captured on the
+    test cluster; auto mode picks ``srun`` in it."""
+    lines = (DUMPS / "batch_step_multinode.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("variable, value", [
+    ("SLURM_CPUS_PER_TASK", "abc"),
+    ("SLURM_CPUS_PER_TASK", "0"),
+    ("SLURM_TASKS_PER_NODE", "2(x3"),
+    ("SLURM_TASKS_PER_NODE", "two"),
+    ("SLURM_JOB_NODELIST", "n[1-3"),
+    ("SLURM_NTASKS", "-6"),
+    ("SLURM_MEM_PER_CPU", "lots"),
+])
+def test_garbage_slurm_variable_raises_value_error_naming_it(
+        monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    for name, setting in batch_environment().items():
+        monkeypatch.setenv(name, setting)
+    monkeypatch.setenv(variable, value)
+    started = time.monotonic()
+    with pytest.raises(ValueError, match=variable) as caught:
+        SulisDaskExecutor(timeout=5)
+    assert time.monotonic() - started < 5
+    assert value in str(caught.value), caught.value
