@@ -61,6 +61,9 @@ SCATTER_THRESHOLD = 1_000_000
 TARGET_BATCH_SECONDS = 0.02
 MAX_BATCH_CALLS = 4096
 
+#: How often an idle collector checks that the scheduler is still there.
+SCHEDULER_CHECK_INTERVAL = 0.5
+
 #: How long the collector waits for results it was told are ready before
 #: treating them as lost with a worker and waiting for Dask to recompute them.
 GATHER_TIMEOUT = 5.0
@@ -178,6 +181,7 @@ class Engine:
         self.token = token
         self.has_initializer = has_initializer
         self.broken: str | None = None
+        self._address = getattr(getattr(client, "scheduler", None), "address", "(unknown)")
         self._broken_tb = ""
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -244,6 +248,8 @@ class Engine:
         if now - self._capacity_checked < 0.5:
             return
         self._capacity_checked = now
+        if self._scheduler_lost():
+            return  # scheduler_info would block until the client gives up
         try:
             info = self.client.scheduler_info(n_workers=0)
             threads = int(info.get("total_threads") or 0)
@@ -356,7 +362,11 @@ class Engine:
 
     def _collect_loop(self) -> None:
         while True:
-            items = [self._done.get()]
+            try:
+                items = [self._done.get(timeout=SCHEDULER_CHECK_INTERVAL)]
+            except queue.Empty:
+                self._check_scheduler()
+                continue
             while True:
                 try:
                     items.append(self._done.get_nowait())
@@ -371,7 +381,20 @@ class Engine:
                 return
             self._pump()
 
+    def _scheduler_lost(self) -> bool:
+        # Dask's client moves to "connecting" the moment its connection to the
+        # scheduler drops, and tries to reconnect for its whole timeout; work
+        # in flight is gone by then, so we do not wait for that verdict.
+        return not self._closed and self.client.status not in ("running", "newly-created")
+
+    def _check_scheduler(self) -> None:
+        if self.broken is None and self._scheduler_lost():
+            self.mark_broken(f"lost the connection to the Dask scheduler at {self._address}")
+
     def _collect(self, dask_futures: list[Any]) -> None:
+        if any(f.status == "cancelled" for f in dask_futures):
+            # Only the client cancels our tasks, when the scheduler is gone.
+            self._check_scheduler()
         with self._lock:
             pairs = [(f, self._in_flight.pop(f.key, None)) for f in dask_futures]
         pairs = [(f, b) for f, b in pairs if b is not None]
@@ -526,7 +549,7 @@ class Engine:
         for call in queued:
             self._set(call, error, error=True)
         dask_futures = [b.dask_future for b in batches if b.dask_future is not None]
-        if dask_futures:
+        if dask_futures and not self._scheduler_lost():
             try:
                 self.client.cancel(dask_futures)
             except Exception:

@@ -293,3 +293,49 @@ def test_bad_environment_variable_is_named(monkeypatch):
     monkeypatch.setenv("SULIS_EXECUTOR_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="SULIS_EXECUTOR_TIMEOUT='soon'"):
         SulisDaskExecutor()
+
+
+# -- a lost scheduler ----------------------------------------------------------
+
+
+@pytest.fixture
+def separate_cluster(tmp_path):
+    """A cluster started the seed's way: ``dask scheduler`` and ``dask worker``
+    processes writing and reading a scheduler file."""
+    scheduler_file = tmp_path / "scheduler.json"
+    common = ["--no-dashboard", "--host", "127.0.0.1"]
+    scheduler = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--port", "0",
+         "--scheduler-file", str(scheduler_file), *common],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file", str(scheduler_file),
+         "--nthreads", "1", *common],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
+    yield scheduler, scheduler_file
+    for proc in (worker, scheduler):
+        proc.kill()
+        proc.wait(10)
+
+
+def test_losing_the_scheduler_fails_pending_futures_promptly_and_breaks_the_executor(separate_cluster):
+    scheduler, scheduler_file = separate_cluster
+    ex = SulisDaskExecutor(scheduler_file=str(scheduler_file), wait_for_workers=1, timeout=30)
+    futures = [ex.submit(tasks.slow_identity, i, 2.0) for i in range(6)]
+    wait_until(lambda: futures[0].running(), what="the first call to start")
+    scheduler.kill()
+    lost_at = time.monotonic()
+    done, not_done = concurrent.futures.wait(futures, timeout=10)
+    assert not not_done, "futures still pending 10 s after the scheduler died"
+    for future in futures:
+        error = future.exception()
+        assert isinstance(error, BrokenSulisExecutor) and isinstance(error, concurrent.futures.BrokenExecutor)
+        assert "scheduler" in str(error)
+    assert time.monotonic() - lost_at < 10
+    with pytest.raises(BrokenSulisExecutor):
+        ex.submit(tasks.square, 2)
+    started = time.monotonic()
+    ex.shutdown()
+    assert time.monotonic() - started < 30
