@@ -1,0 +1,70 @@
+"""Batch scripts written by ``sulis-executor template`` run as real jobs on
+the test cluster, and the executor in them uses every task of the allocation.
+(The mpi template is the examples' mpi_example.sbatch command, which
+test_launch_modes_slurm.py runs.)"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.jobs import (
+    REPO,
+    assert_clean_success,
+    assert_no_processes_left,
+    job_env,
+    result_line,
+    submit,
+    wait_for_job,
+)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
+
+SCRIPT = '''\
+import json
+import sys
+
+from sulis_executor import SulisDaskExecutor
+from sulis_executor.progress import progress
+
+
+def square(x):
+    return x * x
+
+
+if __name__ == "__main__":
+    n = int(sys.argv[1])
+    with SulisDaskExecutor() as ex:
+        results = list(progress(ex.map(square, range(n)), total=n, desc="squares"))
+        info = {"mode": ex.launch_mode, "workers": ex.num_workers,
+                "ok": results == [i * i for i in range(n)]}
+    print("RESULT " + json.dumps(info), flush=True)
+'''
+
+
+@pytest.mark.parametrize("mode, launch_mode", [("srun", "srun"),
+                                               ("scheduler-file", "scheduler_file")])
+def test_template_runs_as_a_job(mode: str, launch_mode: str, slurm_conf: str,
+                                tmp_path: Path) -> None:
+    script = tmp_path / "squares.py"
+    script.write_text(SCRIPT)
+    batch = tmp_path / "squares.sbatch"
+    env = job_env(slurm_conf, "template-render")
+    result = subprocess.run(
+        [sys.executable, "-m", "sulis_executor", "template", mode,
+         "--nodes", "3", "--ntasks-per-node", "2", "--cpus-per-task", "1",
+         "--mem-per-cpu", "500", "--time", "00:05:00", "-o", str(batch),
+         str(script), "200"],
+        env=env, capture_output=True, text=True, check=False, timeout=60, cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr
+    job = wait_for_job(submit(batch, tmp_path, slurm_conf), timeout=150)
+    assert_clean_success(job)
+    assert_no_processes_left(job)
+    assert result_line(job) == {"mode": launch_mode, "workers": 6, "ok": True}, job.describe()
+    # The progress bar in the job's output file: plain lines, final count.
+    assert "\r" not in job.text(), job.describe()
+    assert "squares: 100%" in job.text() and "200/200" in job.text(), job.describe()
