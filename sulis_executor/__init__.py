@@ -15,6 +15,7 @@ from .errors import (
     WorkerDiedError,
 )
 from .executor import SulisDaskExecutor
+from ._progress import progress
 
 __all__ = [
     "BrokenSulisExecutor",
@@ -23,6 +24,7 @@ __all__ = [
     "SulisDaskExecutor",
     "UnpicklableError",
     "WorkerDiedError",
+    "progress",
 ]
 
 __version__ = "0.1.0"

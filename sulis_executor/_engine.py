@@ -39,6 +39,7 @@ from typing import Any
 import cloudpickle
 
 from . import _remote
+from ._shared import SharedBuffers
 from .errors import (
     BrokenSulisExecutor,
     RemoteTraceback,
@@ -92,7 +93,7 @@ class Call:
 class Batch:
     """One cluster task: several submitted calls, or one map chunk."""
 
-    __slots__ = ("batch_id", "kind", "calls", "dask_future", "name")
+    __slots__ = ("batch_id", "kind", "calls", "dask_future", "name", "shared_keys")
 
     def __init__(self, batch_id: str, kind: str, calls: list[Call], name: str) -> None:
         self.batch_id = batch_id
@@ -100,6 +101,7 @@ class Batch:
         self.calls = calls
         self.dask_future: Any = None
         self.name = name
+        self.shared_keys: list[str] = []
 
 
 def rebuild_exception(error: BaseException, tb: str) -> BaseException:
@@ -195,6 +197,7 @@ class Engine:
         self._seconds_per_call: float | None = None
         self._capacity = 2
         self._capacity_checked = 0.0
+        self._shared = SharedBuffers(client)
         self._refresh_capacity()
         # Dask's client batches its messages to the scheduler every 10 ms,
         # which is most of a task's round trip here (11 ms -> 6 ms measured):
@@ -326,7 +329,7 @@ class Engine:
         batch = Batch(f"{name}-{next(self._counter)}-{uuid.uuid4().hex[:12]}", kind, calls, name)
         body: Any = calls[0].body if kind == _remote.CHUNK else [c.body for c in calls]
         try:
-            payload: Any = cloudpickle.dumps((kind, body))
+            payload, shared_keys, shared_futures = self._shared.dumps((kind, body))
         except Exception:
             # Find the culprit call by call, fail it, and send the rest.
             good = []
@@ -340,19 +343,22 @@ class Engine:
                 return
             self._send(good)
             return
+        batch.shared_keys = shared_keys
         for call in calls:
             call.batch = batch
         with self._lock:
             self._in_flight[batch.batch_id] = batch
         try:
             if len(payload) > SCATTER_THRESHOLD:
-                payload = self.client.scatter(payload, hash=False, direct=False)
+                payload = self.client.scatter(payload, hash=False)
             dask_future = submit_queued(
-                self.client, batch.batch_id, _remote.run_batch, payload, self.token, self.has_initializer
+                self.client, batch.batch_id, _remote.run_batch, payload, self.token,
+                self.has_initializer, tuple(shared_keys), *shared_futures,
             )
         except Exception as error:
             with self._lock:
                 self._in_flight.pop(batch.batch_id, None)
+            self._shared.done(shared_keys)
             self._settle(batch, BrokenSulisExecutor(f"could not submit work to the cluster: {error}"))
             return
         batch.dask_future = dask_future
@@ -427,6 +433,7 @@ class Engine:
             if dask_future.status != "finished":
                 self._settle(batch, self._failure_of(dask_future, batch))
             dask_future.release()
+            self._shared.done(batch.shared_keys)
 
     def _gather(self, dask_futures: list[Any]) -> list[Any] | None:
         """Fetch results, each a payload or the exception fetching it raised.
@@ -594,6 +601,7 @@ class Engine:
         for batch in batches:
             self._settle(batch, BrokenSulisExecutor("the executor was shut down before this call finished"))
         try:
+            self._shared.release()
             self.client.close(timeout=max(1.0, deadline - time.monotonic()))
         except Exception:
             logger.debug("error closing the Dask client", exc_info=True)

@@ -20,6 +20,8 @@ from typing import Any
 
 import cloudpickle
 
+from . import _shared
+
 # Outcome tags. An outcome is (OK, value) or (ERROR, exception, traceback text).
 OK = 0
 ERROR = 1
@@ -113,11 +115,14 @@ def _unpicklable(message: str) -> BaseException:
     return UnpicklableError(message)
 
 
-def run_batch(payload: bytes, token: str, has_initializer: bool) -> bytes:
+def run_batch(
+    payload: bytes, token: str, has_initializer: bool, shared_keys: tuple[str, ...] = (), *shared: Any
+) -> bytes:
     """Run one batch of calls on a worker; return ``pickle((outcomes, seconds))``.
 
     ``seconds`` is the time spent in the calls, which the client uses to size
-    later batches.
+    later batches. ``shared`` are the large buffers the payload refers to by
+    key (see ``_shared``), fetched by Dask as the task's dependencies.
     """
     if has_initializer:
         from distributed import get_worker
@@ -130,7 +135,7 @@ def run_batch(payload: bytes, token: str, has_initializer: bool) -> bytes:
         if failure is not None:
             return cloudpickle.dumps(([failure], 0.0))
 
-    kind, body = cloudpickle.loads(payload)
+    kind, body = _shared.loads(payload, dict(zip(shared_keys, shared)))
     started = time.perf_counter()
     if kind == CHUNK:
         return _run_chunk(*body, started)

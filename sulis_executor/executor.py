@@ -216,6 +216,7 @@ class SulisDaskExecutor(Executor):
         timeout: float | None = None,
         chunksize: int = AUTO_CHUNKSIZE,
         buffersize: int | None = None,
+        progress: bool = False,
     ) -> Iterator[T]:
         """Return an iterator equivalent to ``map(fn, *iterables)``.
 
@@ -226,6 +227,7 @@ class SulisDaskExecutor(Executor):
         measured call times. At most ``buffersize`` chunks are submitted and
         not yet yielded (default: four per worker thread), and the iterables
         are read lazily, so long and infinite inputs run in bounded memory.
+        ``progress=True`` shows a progress bar (see ``sulis_executor.progress``).
         """
         if buffersize is not None:
             if isinstance(buffersize, bool) or not isinstance(buffersize, int):
@@ -255,7 +257,13 @@ class SulisDaskExecutor(Executor):
         fixed = None if chunksize is AUTO_CHUNKSIZE else chunksize
         sizer = ChunkSizer(fixed, lambda: engine.threads, items_hint(iterables))
         window = buffersize if buffersize is not None else WINDOW_PER_THREAD * engine.threads
-        return ordered_results(fn, iterables, sizer, window, submit_chunk, end_time)
+        total = items_hint(iterables)
+        results = ordered_results(fn, iterables, sizer, window, submit_chunk, end_time)
+        if progress:
+            from ._progress import progress as show_progress
+
+            return show_progress(results, total=total, desc=getattr(fn, "__name__", None))
+        return results
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         with self._shutdown_lock:

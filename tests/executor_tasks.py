@@ -63,3 +63,7 @@ def wait_for_file(path: str, timeout: float = 30.0) -> str:
             raise TimeoutError(path)
         time.sleep(0.01)
     return path
+
+
+def array_sum(array, offset: float = 0.0) -> float:
+    return float(array.sum()) + offset

@@ -339,3 +339,45 @@ def test_losing_the_scheduler_fails_pending_futures_promptly_and_breaks_the_exec
     started = time.monotonic()
     ex.shutdown()
     assert time.monotonic() - started < 30
+
+
+# -- large arguments travel once --------------------------------------------
+
+
+def shared_keys(ex: SulisDaskExecutor) -> list[str]:
+    return ex.client.run_on_scheduler(
+        lambda dask_scheduler: [k for k in dask_scheduler.tasks if str(k).startswith("sulis-shared-")]
+    )
+
+
+def test_a_large_array_given_to_many_submits_is_sent_to_the_cluster_once(shared_executor):
+    import numpy
+    array = numpy.ones(500_000)  # 4 MB
+    futures = [shared_executor.submit(tasks.array_sum, array, i) for i in range(20)]
+    assert [f.result(timeout=60) for f in futures] == [500_000.0 + i for i in range(20)]
+    assert len(shared_keys(shared_executor)) == 1
+
+
+def test_a_large_array_bound_with_partial_is_sent_once_for_the_whole_map(shared_executor):
+    import functools
+
+    import numpy
+    array = numpy.ones(500_000)
+    results = list(shared_executor.map(functools.partial(tasks.array_sum, array), range(30), chunksize=1))
+    assert results == [500_000.0 + i for i in range(30)]
+    assert len(shared_keys(shared_executor)) == 1
+
+
+def test_an_array_changed_in_place_between_submits_is_sent_again(shared_executor):
+    import numpy
+    array = numpy.ones(500_000)
+    first = shared_executor.submit(tasks.array_sum, array).result(timeout=60)
+    array *= 2
+    second = shared_executor.submit(tasks.array_sum, array).result(timeout=60)
+    assert (first, second) == (500_000.0, 1_000_000.0)
+
+
+def test_map_with_progress_shows_a_bar_and_keeps_results_in_order(shared_executor, capsys):
+    results = list(shared_executor.map(tasks.square, range(50), progress=True))
+    assert results == [i * i for i in range(50)]
+    assert "50/50" in capsys.readouterr().err

@@ -11,8 +11,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
-from sulis_executor import progress as progress_module
-from sulis_executor.progress import progress
+from sulis_executor import _progress as progress_module
+from sulis_executor import progress
 
 
 class Terminal(io.StringIO):

@@ -28,7 +28,7 @@ import json
 import sys
 
 from sulis_executor import SulisDaskExecutor
-from sulis_executor.progress import progress
+from sulis_executor import progress
 
 
 def square(x):

@@ -2,7 +2,7 @@
 
 .. code-block:: python
 
-    from sulis_executor.progress import progress
+    from sulis_executor import progress
 
     futures = [ex.submit(f, x) for x in inputs]
     for future in progress(futures):          # as they complete, like as_completed
