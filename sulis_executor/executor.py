@@ -56,6 +56,20 @@ def job_security(mode: str, options: ExecutorOptions) -> Any:
     return options.security
 
 
+def _connect_error(cluster: Any, timeout: float, error: BaseException) -> Exception:
+    """Say which scheduler could not be reached, and what to check."""
+    where = cluster.description or str(cluster.target)
+    if isinstance(error, TypeError) and "TLS" in str(error):
+        return ValueError(
+            f"{where} requires TLS, and no credentials were given: pass "
+            f"security=distributed.Security(...) with that cluster's certificates"
+        )
+    return ClusterStartupTimeout(
+        f"could not connect to {where} within {timeout:g} s ({error}); check that the "
+        f"scheduler is running and reachable from here, or raise timeout="
+    )
+
+
 def _shutdown_engine(engine: Engine) -> None:
     # Used by weakref.finalize: an executor garbage collected, or still open at
     # interpreter exit, lets running work finish only briefly, then goes.
@@ -127,12 +141,15 @@ class SulisDaskExecutor(Executor):
         deadline = started + self._options.timeout
         try:
             cluster = self._launcher.start(self._options.timeout)
-            client = Client(
-                cluster.target,
-                security=cluster.security,
-                timeout=max(1.0, deadline - time.monotonic()),
-                set_as_default=True,
-            )
+            try:
+                client = Client(
+                    cluster.target,
+                    security=cluster.security,
+                    timeout=max(1.0, deadline - time.monotonic()),
+                    set_as_default=True,
+                )
+            except (OSError, TimeoutError, TypeError) as error:
+                raise _connect_error(cluster, self._options.timeout, error) from error
         except Exception:
             self._launcher.close(timeout=10)
             raise
@@ -169,6 +186,13 @@ class SulisDaskExecutor(Executor):
                 f"timeout; check the workers' output for errors, that they can reach the "
                 f"scheduler on the chosen interface, or raise timeout="
             ) from None
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a SulisDaskExecutor cannot be sent to a worker, so tasks cannot submit to "
+            "their own executor; return the work to the client and submit from there, "
+            "or use distributed.worker_client() inside the task"
+        )
 
     # -- introspection ----------------------------------------------------
 

@@ -67,3 +67,7 @@ def wait_for_file(path: str, timeout: float = 30.0) -> str:
 
 def array_sum(array, offset: float = 0.0) -> float:
     return float(array.sum()) + offset
+
+
+def submit_from_inside(executor, x: int) -> int:
+    return executor.submit(square, x).result()

@@ -381,3 +381,31 @@ def test_map_with_progress_shows_a_bar_and_keeps_results_in_order(shared_executo
     results = list(shared_executor.map(tasks.square, range(50), progress=True))
     assert results == [i * i for i in range(50)]
     assert "50/50" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+def test_an_unreachable_address_fails_after_the_timeout_naming_it():
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=address):
+        SulisDaskExecutor(address=address, timeout=3)
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.timeout(30)
+def test_a_tls_scheduler_without_credentials_is_a_clear_error(scheduler_address):
+    with pytest.raises(ValueError, match="requires TLS"):
+        SulisDaskExecutor(address=scheduler_address, timeout=5)
+
+
+def test_using_the_executor_inside_its_own_task_fails_clearly_and_it_keeps_working(shared_executor):
+    future = shared_executor.submit(tasks.submit_from_inside, shared_executor, 3)
+    error = future.exception(timeout=30)
+    assert isinstance(error, UnpicklableError)
+    assert "SulisDaskExecutor" in str(error) and "worker_client" in str(error)
+    assert shared_executor.submit(tasks.square, 3).result(timeout=30) == 9
