@@ -223,7 +223,10 @@ class Engine:
         return self._enqueue(Call(_remote.CHUNK, (fn, chunk, star), first_index))
 
     def _enqueue(self, call: Call) -> Future[Any]:
-        call.future.add_done_callback(lambda _, call=call: self._on_call_done(call))
+        def on_done(_: Future[Any], call: Call = call) -> None:
+            self._on_call_done(call)
+
+        call.future.add_done_callback(on_done)
         with self._lock:
             self._queue.append(call)
         self._pump()
@@ -355,10 +358,16 @@ class Engine:
                 self.client, batch.batch_id, _remote.run_batch, payload, self.token,
                 self.has_initializer, tuple(shared_keys), *shared_futures,
             )
-        except Exception as error:
+        except BaseException as error:
             with self._lock:
                 self._in_flight.pop(batch.batch_id, None)
             self._shared.done(shared_keys)
+            if not isinstance(error, Exception):
+                # KeyboardInterrupt/SystemExit in the submitting thread: these
+                # calls never reached the cluster; fail them, so shutdown does
+                # not wait for them for ever, and let the interrupt go on.
+                self._settle(batch, CancelledError())
+                raise
             self._settle(batch, BrokenSulisExecutor(f"could not submit work to the cluster: {error}"))
             return
         batch.dask_future = dask_future
@@ -401,39 +410,40 @@ class Engine:
         if any(f.status == "cancelled" for f in dask_futures):
             # Only the client cancels our tasks, when the scheduler is gone.
             self._check_scheduler()
+        pairs: list[tuple[Any, Batch]] = []
         with self._lock:
-            pairs = [(f, self._in_flight.pop(f.key, None)) for f in dask_futures]
-        pairs = [(f, b) for f, b in pairs if b is not None]
+            for dask_future in dask_futures:
+                batch = self._in_flight.pop(dask_future.key, None)
+                if batch is not None:  # None: cancelled or settled already
+                    pairs.append((dask_future, batch))
         # A result lost with its worker is recomputed by Dask: keep waiting.
         lost = [(f, b) for f, b in pairs if f.status in ("lost", "pending")]
-        if lost:
-            with self._lock:
-                for _, batch in lost:
-                    self._in_flight[batch.batch_id] = batch
-            for dask_future, _ in lost:
-                dask_future.add_done_callback(self._done.put)
-            pairs = [(f, b) for f, b in pairs if f.status not in ("lost", "pending")]
         finished = [(f, b) for f, b in pairs if f.status == "finished"]
         if finished:
             payloads = self._gather([f for f, _ in finished])
             if payloads is None:
-                # The data went with a dead worker and is being recomputed:
-                # wait for it like any other task still running.
-                with self._lock:
-                    for _, batch in finished:
-                        self._in_flight[batch.batch_id] = batch
-                for dask_future, _ in finished:
-                    dask_future.add_done_callback(self._done.put)
-                finished_ids = {id(f) for f, _ in finished}
-                pairs = [(f, b) for f, b in pairs if id(f) not in finished_ids]
+                lost += finished  # gone with a dead worker since: being recomputed
+                finished = []
             else:
                 for (_, batch), payload in zip(finished, payloads):
                     self._deliver(batch, payload)
+        self._wait_again(lost)
+        waiting = {id(f) for f, _ in lost}
         for dask_future, batch in pairs:
+            if id(dask_future) in waiting:
+                continue
             if dask_future.status != "finished":
                 self._settle(batch, self._failure_of(dask_future, batch))
             dask_future.release()
             self._shared.done(batch.shared_keys)
+
+    def _wait_again(self, pairs: list[tuple[Any, Batch]]) -> None:
+        """Put batches back in flight, to be collected when done once more."""
+        with self._lock:
+            for _, batch in pairs:
+                self._in_flight[batch.batch_id] = batch
+        for dask_future, _ in pairs:
+            dask_future.add_done_callback(self._done.put)
 
     def _gather(self, dask_futures: list[Any]) -> list[Any] | None:
         """Fetch results, each a payload or the exception fetching it raised.

@@ -128,7 +128,7 @@ def run_batch(
         from distributed import get_worker
 
         plugin = get_worker().plugins.get(initializer_plugin_name(token))
-        if plugin is None:
+        if not isinstance(plugin, InitializerPlugin):
             broken = (BROKEN, "the executor's initializer never reached this worker", "")
             return cloudpickle.dumps(([broken], 0.0))
         failure = plugin.ensure_initialized()
@@ -138,7 +138,8 @@ def run_batch(
     kind, body = _shared.loads(payload, dict(zip(shared_keys, shared)))
     started = time.perf_counter()
     if kind == CHUNK:
-        return _run_chunk(*body, started)
+        fn, items, star = body
+        return _run_chunk(fn, items, star, started)
     outcomes: list[Any] = []
     for fn, args, kwargs in body:
         try:

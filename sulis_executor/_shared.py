@@ -36,7 +36,8 @@ def is_large_buffer(obj: object) -> bool:
     if kind is bytes or kind is bytearray:
         return len(obj) >= SHARE_THRESHOLD  # type: ignore[arg-type]
     if kind.__name__ == "ndarray" and kind.__module__ == "numpy":
-        return int(getattr(obj, "nbytes", 0)) >= SHARE_THRESHOLD and not getattr(obj, "dtype", None) == object
+        # Object arrays hold references, not a buffer: leave them to pickle.
+        return int(getattr(obj, "nbytes", 0)) >= SHARE_THRESHOLD and getattr(obj, "dtype", None) != "O"
     return False
 
 

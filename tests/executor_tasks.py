@@ -71,3 +71,13 @@ def array_sum(array, offset: float = 0.0) -> float:
 
 def submit_from_inside(executor, x: int) -> int:
     return executor.submit(square, x).result()
+
+
+_kept_alive: list[object] = []
+
+
+def array_identity(array, _: object = None) -> tuple[int, int]:
+    """Which process, and which copy of the array, this call saw. The array
+    is kept alive so a later copy can never reuse its address."""
+    _kept_alive.append(array)
+    return os.getpid(), id(array)

@@ -314,7 +314,7 @@ def test_map_results_are_not_kept_alive_by_the_iterator(executor):
         ref = weakref.ref(obj)
         del obj
         gc.collect()
-        wait_until(lambda: ref() is None, 5, "the yielded result to be freed")
+        wait_until(lambda ref=ref: ref() is None, 5, "the yielded result to be freed")
 
 
 # -- shutdown ----------------------------------------------------------------

@@ -11,6 +11,7 @@ has no business listening on the network.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from .._security import CredentialsFile, credentials_of
 from ..config import ExecutorOptions
@@ -34,7 +35,7 @@ class LocalLauncher(Launcher):
     def __init__(self, options: ExecutorOptions, security: object = None) -> None:
         self._options = options
         self._security = security
-        self._cluster = None
+        self._cluster: Any = None
         self._workers: WorkerProcesses | None = None
         self._credentials: CredentialsFile | None = None
         self.n_workers = options.max_workers or default_worker_count()
@@ -46,8 +47,9 @@ class LocalLauncher(Launcher):
         bind = ["--interface", options.interface] if options.interface else ["--host", "127.0.0.1"]
         # Loopback unless an interface is named: a local cluster has no
         # business listening on the network.
-        self._cluster = start_scheduler(options, self._security, None if options.interface else "127.0.0.1")
-        address = self._cluster.scheduler_address
+        cluster = start_scheduler(options, self._security, None if options.interface else "127.0.0.1")
+        self._cluster = cluster
+        address = cluster.scheduler_address
         extra = [
             "--nthreads", str(options.nthreads or 1),
             "--memory-limit", str(options.memory_limit if options.memory_limit is not None else "auto"),
