@@ -14,7 +14,6 @@ This replaces the classic recipe of starting a cluster by hand and then::
 """
 
 import joblib
-
 from _common import problem_size, report
 
 from sulis_executor import SulisDaskExecutor

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from ._progress import progress
 from .errors import (
     BrokenSulisExecutor,
     ClusterStartupTimeout,
@@ -15,7 +16,6 @@ from .errors import (
     WorkerDiedError,
 )
 from .executor import SulisDaskExecutor
-from ._progress import progress
 
 __all__ = [
     "BrokenSulisExecutor",
