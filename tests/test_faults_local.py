@@ -62,7 +62,8 @@ def test_local_cluster_refuses_clients_without_its_credentials() -> None:
 
 
 CTRL_C_SCRIPT = """
-import json, os, time
+import faulthandler, json, os, signal, time
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's hang report
 from sulis_executor import SulisDaskExecutor
 
 def slow(x):
@@ -135,7 +136,13 @@ def test_ctrl_c_in_a_map_leaves_no_worker_behind(tmp_path: Path, target: str) ->
         try:
             _, stderr = proc.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            raise AssertionError("the script did not exit within 30 s of Ctrl-C") from None
+            os.kill(proc.pid, signal.SIGUSR1)
+            try:
+                _, stderr = proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                _, stderr = proc.communicate()
+            raise AssertionError(f"the script did not exit within 30 s of Ctrl-C:\n{stderr}") from None
         elapsed = time.monotonic() - started
         assert proc.returncode != 0, stderr
         assert "KeyboardInterrupt" in stderr, stderr

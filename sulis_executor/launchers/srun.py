@@ -10,6 +10,20 @@ The step is started with ``--overlap`` so that it can share the allocation
 with the batch step and with any ``srun`` the user's own script runs later,
 and with ``--kill-on-bad-exit=0`` so that one worker dying (e.g. a task that
 segfaults) does not take the others down with it.
+
+SIGTERM (``scancel``, the job reaching its time limit, ``timeout``, ``kill``)
+would end the script at once by default, skipping ``finally`` blocks, the
+``with`` block's shutdown and the executor's own cleanup, and leaving the
+workers to notice on their own that the scheduler vanished. So while an
+executor is open, a SIGTERM that would otherwise kill the script raises
+``SystemExit(143)`` in the main thread instead (only if no handler was set,
+and only when the executor is created in the main thread): the script
+unwinds, the executor shuts down and ends the worker step, and the exit
+status is the usual 128 + 15. A second SIGTERM kills at once, as before.
+A watchdog bounds that unwinding: if the executor has not shut down within
+``SIGTERM_GRACE`` seconds (or ``SIGTERM_GRACE_NO_STEP`` once the worker step
+has ended, as it does when the whole job is cancelled, so that nothing waits
+for workers that are gone), the step is cancelled and the process exits.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Mapping
 
 from ..config import ExecutorOptions
@@ -76,6 +91,60 @@ def srun_command(
     ]
 
 
+#: After a SIGTERM, the script has this long to unwind and shut its
+#: executors down before the step is cancelled and the process exits (SLURM's
+#: default KillWait, between its SIGTERM and SIGKILL, is 30 s).
+SIGTERM_GRACE = 20.0
+#: ... or this long while an open executor's worker step has already ended
+#: (scancel and the time limit end it too): its pending work can never
+#: finish, so waiting for it would only hang.
+SIGTERM_GRACE_NO_STEP = 3.0
+
+#: Launchers started and not yet closed, for the SIGTERM watchdog.
+_open_launchers: weakref.WeakSet[SrunLauncher] = weakref.WeakSet()
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM while an executor is open: unwind (``finally``, ``with``,
+    atexit) so the executor shuts the workers down, then exit 128 + 15."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second one kills at once
+    try:
+        print("sulis_executor: SIGTERM received (scancel or time limit?); shutting down "
+              "the executor", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+    threading.Thread(target=_sigterm_watchdog, args=(128 + signum,), daemon=True,
+                     name="sulis-executor-sigterm-watchdog").start()
+    raise SystemExit(128 + signum)
+
+
+def _sigterm_watchdog(status: int) -> None:
+    """Bound the unwinding a SIGTERM started: the process must not outlive
+    its job waiting for workers that are gone."""
+    started = time.monotonic()
+    while True:
+        launchers = [launcher for launcher in list(_open_launchers) if not launcher._closed]
+        if not launchers:
+            return  # every executor shut down: the script ends as it wishes
+        elapsed = time.monotonic() - started
+        step_gone = any(launcher._step_ended() for launcher in launchers)
+        if elapsed > SIGTERM_GRACE or (step_gone and elapsed > SIGTERM_GRACE_NO_STEP):
+            break
+        time.sleep(0.1)
+    for launcher in launchers:
+        try:
+            launcher._force_stop()
+        except Exception:
+            pass
+    try:
+        print(f"sulis_executor: the executor did not shut down within {time.monotonic() - started:.0f} s "
+              "of SIGTERM (its workers are gone); exiting", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(status)
+
+
 class SrunLauncher(Launcher):
     name = "srun"
 
@@ -104,6 +173,32 @@ class SrunLauncher(Launcher):
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self._stderr_thread: threading.Thread | None = None
         self._closed = False
+        self._sigterm_installed = False
+
+    # -- SIGTERM ----------------------------------------------------------
+
+    def _install_sigterm_handler(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        try:
+            if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+                return  # the user's (or another executor's) handler stays
+            signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        except (ValueError, OSError):
+            return
+        self._sigterm_installed = True
+
+    def _remove_sigterm_handler(self) -> None:
+        if not self._sigterm_installed:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            return  # harmless: the handler only makes a SIGTERM exit unwind first
+        self._sigterm_installed = False
+        try:
+            if signal.getsignal(signal.SIGTERM) is _exit_on_sigterm:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        except (ValueError, OSError):
+            pass
 
     # -- start ------------------------------------------------------------
 
@@ -134,6 +229,8 @@ class SrunLauncher(Launcher):
 
         deadline = time.monotonic() + timeout
         options = self._options
+        self._install_sigterm_handler()
+        _open_launchers.add(self)
         self._cluster = start_scheduler(options, self._security, scheduler_host(options.interface))
         address = self._cluster.scheduler_address
         argv = self._worker_argv(address)
@@ -261,6 +358,28 @@ class SrunLauncher(Launcher):
             self._stop_step(proc, deadline)
         if self._stderr_thread is not None:
             self._stderr_thread.join(max(0.1, deadline - time.monotonic()))
+        self._remove_sigterm_handler()
+
+    def _step_ended(self) -> bool:
+        proc = self._proc
+        return proc is not None and proc.poll() is not None
+
+    def workers_gone(self) -> bool:
+        """True once the worker step has ended while the executor is open:
+        srun mode never replaces workers, so pending work can never finish."""
+        return not self._closed and self._step_ended()
+
+    def _force_stop(self) -> None:
+        """Cancel the step at once (the SIGTERM watchdog's last resort)."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        for step in self._step_ids():
+            subprocess.run(["scancel", step], capture_output=True, timeout=5, check=False)
+        try:
+            proc.wait(3.0)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
     def _stop_step(self, proc: subprocess.Popen[bytes], deadline: float) -> None:
         """Wait for the step to end; past a share of the deadline, cancel it."""
