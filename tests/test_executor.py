@@ -416,3 +416,21 @@ def test_using_the_executor_inside_its_own_task_fails_clearly_and_it_keeps_worki
     assert isinstance(error, UnpicklableError)
     assert "SulisDaskExecutor" in str(error) and "worker_client" in str(error)
     assert shared_executor.submit(tasks.square, 3).result(timeout=30) == 9
+
+
+def test_logs_at_info_the_mode_its_reason_and_the_workers_ready(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="sulis_executor"):
+        with SulisDaskExecutor(1):
+            pass
+    messages = [r.getMessage() for r in caplog.records if r.name == "sulis_executor"]
+    assert any("launch mode 'local'" in m and "no SLURM allocation" in m for m in messages), messages
+    assert any("1 workers" in m and " s" in m for m in messages), messages
+
+
+def test_is_silent_by_default(capfd):
+    with SulisDaskExecutor(1) as ex:
+        assert ex.submit(tasks.square, 2).result(timeout=30) == 4
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
