@@ -42,6 +42,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Mapping
+from typing import Any
 
 from ..config import ExecutorOptions
 from ..errors import ClusterStartupTimeout
@@ -168,7 +169,7 @@ class SrunLauncher(Launcher):
         # A unique step name lets close() find the step to scancel it, and
         # lets tests find stray processes.
         self.step_name = f"sulis-workers-{uuid.uuid4().hex[:8]}"
-        self._cluster = None
+        self._cluster: Any = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
         self._stderr_thread: threading.Thread | None = None
