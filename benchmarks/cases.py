@@ -38,7 +38,11 @@ class Sulis:
         self.ex = self._cls(max_workers=workers)
 
     def map(self, fn, items, n):
-        return self.ex.map(fn, items, chunksize=max(1, n // 8) if self.chunked else 1)
+        # "Default args" means what a user who swaps the import gets: no
+        # chunksize at all (ProcessPoolExecutor's default is 1 anyway).
+        if self.chunked:
+            return self.ex.map(fn, items, chunksize=max(1, n // 8))
+        return self.ex.map(fn, items)
 
     def submit(self, fn, *args):
         return self.ex.submit(fn, *args)

@@ -333,7 +333,7 @@ class Engine:
         body: Any = calls[0].body if kind == _remote.CHUNK else [c.body for c in calls]
         try:
             payload, shared_keys, shared_futures = self._shared.dumps((kind, body))
-        except Exception:
+        except Exception as failure:
             # Find the culprit call by call, fail it, and send the rest.
             good = []
             for call in calls:
@@ -342,9 +342,13 @@ class Engine:
                     good.append(call)
                 except Exception as error:
                     self._set(call, unpicklable_error(call, error), error=True)
-            if not good or len(good) == len(calls):
-                return
-            self._send(good)
+            if len(good) == len(calls):
+                # Every call pickles alone: sharing a buffer with the cluster
+                # failed, not pickling. Fail the batch rather than retry.
+                for call in calls:
+                    self._set(call, BrokenSulisExecutor(f"could not send work to the cluster: {failure}"), error=True)
+            elif good:
+                self._send(good)
             return
         batch.shared_keys = shared_keys
         for call in calls:
@@ -405,6 +409,11 @@ class Engine:
     def _check_scheduler(self) -> None:
         if self.broken is None and self._scheduler_lost():
             self.mark_broken(f"lost the connection to the Dask scheduler at {self._address}")
+        # A launcher that can tell its workers are gone for good (the srun
+        # step ended: scancel, or every worker killed) breaks us at once.
+        gone = getattr(self.launcher, "workers_gone", None)
+        if self.broken is None and gone is not None and gone():
+            self.mark_broken("the srun step running the workers has ended; no worker will come back")
 
     def _collect(self, dask_futures: list[Any]) -> None:
         if any(f.status == "cancelled" for f in dask_futures):
@@ -535,6 +544,10 @@ class Engine:
                 call.future.set_result(value)
         except InvalidStateError:  # settled already, e.g. by a broken executor
             pass
+        # Break the call <-> batch cycle and drop the arguments now, so the
+        # result and the inputs go as soon as the caller lets go of them.
+        call.batch = None
+        call.body = None
 
     def _settle(self, batch: Batch, error: BaseException) -> None:
         for call in batch.calls:

@@ -150,7 +150,7 @@ class SulisDaskExecutor(Executor):
                 )
             except (OSError, TimeoutError, TypeError) as error:
                 raise _connect_error(cluster, self._options.timeout, error) from error
-        except Exception:
+        except BaseException:  # Ctrl-C or SIGTERM too: never leave workers behind
             self._launcher.close(timeout=10)
             raise
         token = uuid.uuid4().hex

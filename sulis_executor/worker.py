@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 
 def _die_with_parent() -> None:
@@ -125,16 +126,14 @@ def _credentials_from_env(variable: str) -> dict[str, str]:
     return credentials
 
 
-async def _run(args: argparse.Namespace, security: object = None) -> None:
+async def _run(args: argparse.Namespace, security: Any = None) -> None:
     from distributed import Worker
     from distributed.utils import get_ip_interface
 
     # The worker's HTTP endpoint (/health, metrics) listens only where its
     # comms do, on a random port, never on every interface.
     http_host = args.host or (get_ip_interface(args.interface) if args.interface else "127.0.0.1")
-    memory_limit: str | int = args.memory_limit
-    if memory_limit.isdigit():
-        memory_limit = int(memory_limit)
+    memory_limit: str | int = int(args.memory_limit) if args.memory_limit.isdigit() else args.memory_limit
     if security is None and args.security_file:
         from ._security import read_credentials_file, security_from
 
