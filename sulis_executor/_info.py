@@ -14,6 +14,7 @@ from typing import Any
 
 from .config import OPTIONS, resolve_options
 from .launchers import choose_launch_mode, mpi_world_size
+from .launchers._resources import worker_threads
 from .slurm import MEMORY_HEADROOM, SlurmAllocation
 
 __all__ = ["describe_environment", "format_info"]
@@ -76,7 +77,7 @@ def _allocation_info(environ: Mapping[str, str], allocation: SlurmAllocation) ->
 
 
 def _worker_memory(options: Any, allocation: SlurmAllocation | None) -> tuple[Any, str]:
-    """The ``--memory-limit`` the srun and mpi launchers give each worker."""
+    """``launchers._resources.worker_memory``, in MiB, with where it comes from."""
     if options.memory_limit is not None:
         return options.memory_limit, f"memory_limit option ({options.sources.get('memory_limit')})"
     if allocation is not None and allocation.memory_per_worker:
@@ -119,7 +120,7 @@ def describe_environment(environ: Mapping[str, str]) -> dict[str, Any]:
                else "the CPUs this process may use")
         info.update(
             workers=n,
-            threads_per_worker=options.nthreads or 1,
+            threads_per_worker=worker_threads(options, None),
             memory_per_worker=_jsonable(options.memory_limit) if options.memory_limit is not None else "auto",
             memory_per_worker_source=(
                 f"memory_limit option ({options.sources.get('memory_limit')})"
@@ -138,7 +139,7 @@ def describe_environment(environ: Mapping[str, str]) -> dict[str, Any]:
             memory, source = _worker_memory(options, allocation)
             info.update(
                 workers=allocation.ntasks,
-                threads_per_worker=options.nthreads or allocation.cpus_per_task,
+                threads_per_worker=worker_threads(options, allocation),
                 memory_per_worker=_jsonable(memory),
                 memory_per_worker_source=source,
                 tasks_set_aside=0,
@@ -151,7 +152,7 @@ def describe_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         memory, source = _worker_memory(options, allocation)
         info.update(
             workers=None if size is None else size - 1,
-            threads_per_worker=options.nthreads or (allocation.cpus_per_task if allocation else 1),
+            threads_per_worker=worker_threads(options, allocation),
             memory_per_worker=_jsonable(memory),
             memory_per_worker_source=source,
             tasks_set_aside=1,

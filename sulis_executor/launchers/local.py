@@ -17,6 +17,7 @@ from .._security import CredentialsFile, credentials_of
 from ..config import ExecutorOptions
 from ._network import validate_interface
 from ._processes import WorkerProcesses, pythonpath_env, worker_command
+from ._resources import worker_flags
 from ._scheduler import start_scheduler
 from .base import Cluster, Launcher
 
@@ -44,21 +45,13 @@ class LocalLauncher(Launcher):
         options = self._options
         if options.interface:
             validate_interface(options.interface)
-        bind = ["--interface", options.interface] if options.interface else ["--host", "127.0.0.1"]
         # Loopback unless an interface is named: a local cluster has no
         # business listening on the network.
         cluster = start_scheduler(options, self._security, None if options.interface else "127.0.0.1")
         self._cluster = cluster
         address = cluster.scheduler_address
-        extra = [
-            "--nthreads", str(options.nthreads or 1),
-            "--memory-limit", str(options.memory_limit if options.memory_limit is not None else "auto"),
-            *bind,
-        ]
-        if options.local_directory:
-            extra += ["--local-directory", options.local_directory]
-        if options.verbose:
-            extra.append("--verbose")
+        # An interface is in the shared flags; without one, bind to loopback.
+        extra = worker_flags(options, None) + ([] if options.interface else ["--host", "127.0.0.1"])
         if self._security is not None:
             self._credentials = CredentialsFile(credentials_of(self._security))
             extra += ["--security-file", self._credentials.path]

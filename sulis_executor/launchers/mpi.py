@@ -33,6 +33,7 @@ from typing import Any
 from ..config import ExecutorOptions
 from ..slurm import SlurmAllocation
 from ._network import scheduler_host
+from ._resources import worker_flags
 from .base import Cluster, Launcher
 from .srun import min_workers_for
 
@@ -147,28 +148,14 @@ class MpiLauncher(Launcher):
         return message
 
     def _worker_argv(self, address: str) -> list[str]:
-        options = self._options
-        allocation = _allocation()
-        nthreads = options.nthreads or (allocation.cpus_per_task if allocation else 1)
-        memory = options.memory_limit
-        if memory is None:
-            memory = allocation.memory_per_worker if allocation and allocation.memory_per_worker else "auto"
-        argv = [
+        return [
             address,
             "--name", f"mpi-{self.rank}",
-            "--nthreads", str(nthreads),
-            "--memory-limit", str(memory),
             # If rank 0 dies the scheduler is gone for good: give up after
             # this long rather than keep the allocation busy.
-            "--death-timeout", str(max(10.0, options.timeout)),
+            "--death-timeout", str(max(10.0, self._options.timeout)),
+            *worker_flags(self._options, _allocation()),
         ]
-        if options.interface:
-            argv += ["--interface", options.interface]
-        if options.local_directory:
-            argv += ["--local-directory", options.local_directory]
-        if options.verbose:
-            argv.append("--verbose")
-        return argv
 
     def _serve_as_worker(self, comm: Any, timeout: float) -> None:
         from .. import worker

@@ -49,6 +49,7 @@ from ..errors import ClusterStartupTimeout
 from ..slurm import SlurmAllocation
 from ._network import scheduler_host
 from ._processes import pythonpath_env
+from ._resources import worker_flags
 from .base import Cluster, Launcher
 
 logger = logging.getLogger("sulis_executor")
@@ -204,26 +205,14 @@ class SrunLauncher(Launcher):
     # -- start ------------------------------------------------------------
 
     def _worker_argv(self, address: str) -> list[str]:
-        options, allocation = self._options, self.allocation
-        memory = options.memory_limit
-        if memory is None:
-            memory = allocation.memory_per_worker if allocation.memory_per_worker else "auto"
-        argv = [
+        return [
             sys.executable, "-m", "sulis_executor.worker", address,
             "--name", "srun-{procid}",
-            "--nthreads", str(options.nthreads or allocation.cpus_per_task),
-            "--memory-limit", str(memory),
             # Without the scheduler, a worker gives up after this long
             # rather than lingering in the allocation.
-            "--death-timeout", str(max(60.0, options.timeout)),
+            "--death-timeout", str(max(60.0, self._options.timeout)),
+            *worker_flags(self._options, self.allocation),
         ]
-        if options.interface:
-            argv += ["--interface", options.interface]
-        if options.local_directory:
-            argv += ["--local-directory", options.local_directory]
-        if options.verbose:
-            argv.append("--verbose")
-        return argv
 
     def start(self, timeout: float) -> Cluster:
         from ._scheduler import start_scheduler
