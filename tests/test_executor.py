@@ -434,3 +434,21 @@ def test_is_silent_by_default(capfd):
         assert ex.submit(tasks.square, 2).result(timeout=30) == 4
     out, err = capfd.readouterr()
     assert (out, err) == ("", "")
+
+
+@pytest.mark.timeout(20)
+def test_unknown_interface_lists_the_available_ones_and_starts_nothing():
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    with pytest.raises(ValueError, match="'ib7-nonexistent'.*lo"):
+        SulisDaskExecutor(interface="ib7-nonexistent")
+    after = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert after <= before
+
+
+@pytest.mark.timeout(20)
+def test_a_scheduler_file_that_never_appears_fails_after_the_timeout_naming_it(tmp_path):
+    path = tmp_path / "never-written.json"
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=str(path)):
+        SulisDaskExecutor(scheduler_file=str(path), timeout=1)
+    assert time.monotonic() - started < 10
