@@ -12,8 +12,9 @@ worker fetches it once and keeps it while it is in use.
 Content, not identity, names a buffer: an array changed in place between two
 submits is sent again, as ``ProcessPoolExecutor`` would pickle it again. A
 buffer stays on the cluster while batches that use it are in flight, and is
-released with the last of them, so the cluster holds no inputs once the work
-is done.
+released a moment (``IDLE_RELEASE`` seconds) after the last of them, so a
+buffer reused by batches sent one after another is not sent again, and the
+cluster holds no inputs once the work is done.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import collections
 import io
 import pickle
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +31,8 @@ import cloudpickle
 
 #: Buffers at least this large are shared rather than pickled into batches.
 SHARE_THRESHOLD = 1_000_000
+#: Seconds an unused shared buffer stays on the cluster in case it is reused.
+IDLE_RELEASE = 1.0
 
 
 def is_large_buffer(obj: object) -> bool:
@@ -65,6 +69,7 @@ class SharedBuffers:
         self._lock = threading.Lock()
         self._futures: dict[str, Any] = {}
         self._users: collections.Counter[str] = collections.Counter()
+        self._idle_since: dict[str, float] = {}
 
     def _share(self, obj: object) -> str:
         from dask.base import tokenize
@@ -89,18 +94,31 @@ class SharedBuffers:
         keys = list(dict.fromkeys(pickler.keys))
         with self._lock:
             self._users.update(keys)
+            for key in keys:
+                self._idle_since.pop(key, None)
             return buffer.getvalue(), keys, [self._futures[k] for k in keys]
 
     def done(self, keys: list[str]) -> None:
-        """A batch using ``keys`` is settled: release buffers nobody uses."""
-        released = []
+        """A batch using ``keys`` is settled: buffers nobody uses become idle."""
+        now = time.monotonic()
         with self._lock:
             for key in keys:
                 self._users[key] -= 1
                 if self._users[key] <= 0:
                     del self._users[key]
-                    released.append(self._futures.pop(key))
-        for future in released:
+                    self._idle_since[key] = now
+
+    def release_idle(self) -> None:
+        """Release buffers unused for ``IDLE_RELEASE`` seconds."""
+        if not self._idle_since:
+            return
+        cutoff = time.monotonic() - IDLE_RELEASE
+        with self._lock:
+            expired = [k for k, since in self._idle_since.items() if since <= cutoff]
+            futures = [self._futures.pop(k) for k in expired]
+            for key in expired:
+                del self._idle_since[key]
+        for future in futures:
             future.release()
 
     def release(self) -> None:
@@ -108,6 +126,7 @@ class SharedBuffers:
             futures = list(self._futures.values())
             self._futures.clear()
             self._users.clear()
+            self._idle_since.clear()
         for future in futures:
             future.release()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import threading
@@ -133,6 +134,11 @@ class SulisDaskExecutor(Executor):
         self._launcher = make_launcher(self._mode, self._options, job_security(self._mode, self._options))
         self._engine = self._start(initializer, tuple(initargs))
         self._finalizer = weakref.finalize(self, _shutdown_engine, self._engine)
+        # An executor still open at exit is closed by an atexit hook of its
+        # own, registered after Dask's: atexit runs hooks last-in first-out,
+        # so ours runs while Dask's event loops still run, and the workers'
+        # exit signals find a live loop instead of a closed wakeup fd.
+        atexit.register(self._finalizer)
 
     def _start(self, initializer: Callable[..., object] | None, initargs: tuple[Any, ...]) -> Engine:
         from distributed import Client
@@ -300,6 +306,7 @@ class SulisDaskExecutor(Executor):
                 teardown.join()
             self._engine.wait_idle()
             self._finalizer()
+            atexit.unregister(self._finalizer)
             return
         with self._shutdown_lock:
             if self._teardown_thread is None and self._finalizer.alive:

@@ -76,5 +76,5 @@ def no_leaked_threads():
         if t.ident not in before and t.name.startswith("sulis-executor") and t.is_alive()
     ]
     for t in leaked:
-        t.join(5)
+        t.join(15)
     assert not [t for t in leaked if t.is_alive()], f"leaked threads: {leaked}"

@@ -15,7 +15,9 @@
     job, as SLURM also sends at the time limit): the job ends, nothing stays;
   - SIGTERM to the script alone (``timeout``, ``kill``; what the script sees
     when SLURM signals the job): the executor shuts down, the worker step
-    ends, and the batch script goes on.
+    ends, and the batch script goes on;
+  - the job reaching its time limit (``--time=1``, SLURM's smallest): the
+    script unwinds through ``finally`` and nothing of the job remains.
 
 All jobs are submitted at once by the module fixture and run side by side
 (13 of the cluster's 12 CPUs, so one may wait a moment in the queue).
@@ -213,6 +215,8 @@ JOBS = {
     "mpi_raises": ("mpi_raises.py", MPI_RAISES, MPI_RAISES_JOB, shape(3, 1)),
     "scancel": ("sigtermed.py", SIGTERMED, SIGTERMED_JOB, shape(1, 1)),
     "sigterm_script": ("sigtermed.py", SIGTERMED, SIGTERMED_JOB, shape(2, 1)),
+    # SLURM's smallest time limit is a minute; it then sends SIGTERM, as scancel.
+    "time_limit": ("sigtermed.py", SIGTERMED, SIGTERMED_JOB, (*shape(1, 1), "--time=1")),
 }
 
 
@@ -320,4 +324,17 @@ def test_sigterm_to_the_script_shuts_the_executor_down(submitted: dict[str, Job]
     assert lines_starting(job, "STEPS_GONE"), job.describe()
     assert lines_starting(job, "FINALLY"), job.describe()  # finally blocks ran
     assert job.state == "FAILED" and job.exit_code != "0:0", job.describe()
+    assert "Traceback" not in job.text(), job.describe()
+
+
+def test_reaching_the_time_limit_shuts_the_executor_down_and_leaves_nothing(
+    submitted: dict[str, Job],
+) -> None:
+    job = submitted["time_limit"]
+    wait_for_line(job, r"^READY ", timeout=150)
+    # A one-minute limit, checked by slurmctld every few tens of seconds.
+    wait_for_job(job, timeout=240)
+    assert job.state == "TIMEOUT", job.describe()
+    assert_no_processes_left(job)
+    assert lines_starting(job, "FINALLY"), job.describe()  # the script unwound
     assert "Traceback" not in job.text(), job.describe()
