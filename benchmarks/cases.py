@@ -124,18 +124,16 @@ class Dask:
 class DaskExecutor(Dask):
     """Dask's own concurrent.futures adapter, client.get_executor(pure=False)."""
 
+    chunked = False
+
     def start(self, workers):
         super().start(workers)
         self.ex = self.client.get_executor(pure=False)
 
-    def map(self, fn, items, n):
-        return self.ex.map(fn, items)
-
-    def submit(self, fn, *args):
-        return self.ex.submit(fn, *args)
-
-    def gather(self, futures):
-        return [f.result() for f in futures]
+    # The concurrent.futures API, as for the other executors.
+    map = Sulis.map
+    submit = Sulis.submit
+    gather = Sulis.gather
 
     def close(self):
         self.ex.shutdown(wait=True)
