@@ -57,6 +57,42 @@ def job_security(mode: str, options: ExecutorOptions) -> Any:
     return options.security
 
 
+def _probe(address: str, security: Any, timeout: float) -> None:
+    """Connect once to ``address`` and hang up, on a private event loop.
+
+    A ``distributed.Client`` whose constructor fails to connect is left for
+    the garbage collector, and its ``__del__`` can deadlock on Dask's loop
+    lock when that runs at the wrong moment; so we find out first, with no
+    client to leave behind. Raises what connecting raises.
+    """
+    import asyncio
+
+    from distributed.comm import connect
+
+    async def attempt() -> None:
+        args = security.get_connection_args("client") if security is not None else {}
+        comm = await connect(address, timeout=timeout, **args)
+        await comm.close()
+
+    # In a thread of its own: the caller may already run an event loop
+    # (a notebook does), where asyncio.run would refuse.
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            asyncio.run(attempt())
+        except BaseException as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, name="sulis-executor-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 5)
+    if outcome:
+        raise outcome[0]
+    if thread.is_alive():
+        raise TimeoutError(f"no answer from {address} within {timeout:g} s")
+
+
 def _connect_error(cluster: Any, timeout: float, error: BaseException) -> Exception:
     """Say which scheduler could not be reached, and what to check."""
     where = cluster.description or str(cluster.target)
@@ -148,6 +184,8 @@ class SulisDaskExecutor(Executor):
         try:
             cluster = self._launcher.start(self._options.timeout)
             try:
+                if isinstance(cluster.target, str):
+                    _probe(cluster.target, cluster.security, max(1.0, deadline - time.monotonic()))
                 client = Client(
                     cluster.target,
                     security=cluster.security,

@@ -8,6 +8,8 @@ mpi), so they agree on the details that matter:
   task behind the running one, so a short call can wait behind a long one
   while another worker idles; ``ProcessPoolExecutor`` never does that. The
   executor keeps the next batches ready in the scheduler's queue instead.
+* The active memory manager is off, so an input shared by many tasks stays
+  on each worker that fetched it instead of being fetched again.
 * TLS when a ``Security`` is given, random ports only, and the HTTP
   endpoint (``/health``, and the dashboard when asked for) bound to the
   scheduler's own host, never to Dask's shared port 8787.
@@ -39,7 +41,13 @@ def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -
     else:
         dashboard = None
         scheduler_kwargs = {"dashboard_address": f"{http_host}:0"}
-    with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+    with dask.config.set({
+        "distributed.scheduler.worker-saturation": 1.0,
+        # The active memory manager drops "extra" replicas every 2 s, which
+        # would make workers fetch a shared input (see _shared) again and
+        # again; the executor bounds what it keeps on the cluster itself.
+        "distributed.scheduler.active-memory-manager.start": False,
+    }):
         return LocalCluster(
             n_workers=0,
             processes=True,
