@@ -1,7 +1,7 @@
 """What runs inside a worker process: one cluster task runs a batch of calls.
 
-A batch arrives as one pickled payload and leaves as one pickled payload of
-outcomes. Dask serialises a returned Python list element by element, which
+A batch arrives as one payload (its calls pickled one by one, see
+``_shared``) and leaves as one pickled payload of outcomes. Dask serialises a returned Python list element by element, which
 measured 40x slower than returning one ``bytes`` object (PERF_NOTES.md), and
 pickling here also lets us name an unpicklable result instead of letting
 Dask fail on it.
@@ -115,14 +115,12 @@ def _unpicklable(message: str) -> BaseException:
     return UnpicklableError(message)
 
 
-def run_batch(
-    payload: bytes, token: str, has_initializer: bool, shared_keys: tuple[str, ...] = (), *shared: Any
-) -> bytes:
+def run_batch(kind: str, payload: bytes, token: str, has_initializer: bool, *shared: Any) -> bytes:
     """Run one batch of calls on a worker; return ``pickle((outcomes, seconds))``.
 
     ``seconds`` is the time spent in the calls, which the client uses to size
-    later batches. ``shared`` are the large buffers the payload refers to by
-    key (see ``_shared``), fetched by Dask as the task's dependencies.
+    later batches. ``shared`` are the payload's large out-of-band buffers in
+    order (see ``_shared``), fetched by Dask as the task's dependencies.
     """
     if has_initializer:
         from distributed import get_worker
@@ -135,13 +133,13 @@ def run_batch(
         if failure is not None:
             return cloudpickle.dumps(([failure], 0.0))
 
-    kind, body = _shared.loads(payload, dict(zip(shared_keys, shared)))
+    parts = _shared.loads(payload, shared)
     started = time.perf_counter()
     if kind == CHUNK:
-        fn, items, star = body
+        ((fn, items, star),) = parts
         return _run_chunk(fn, items, star, started)
     outcomes: list[Any] = []
-    for fn, args, kwargs in body:
+    for fn, args, kwargs in parts:
         try:
             outcomes.append((OK, fn(*args, **kwargs)))
         except BaseException as error:

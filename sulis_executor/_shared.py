@@ -2,12 +2,23 @@
 
 A numpy array handed to every ``submit``, or bound into the function given to
 ``map`` with ``functools.partial``, would otherwise travel inside every
-batch. Instead, while a batch is pickled, every large buffer it contains
-(``bytes``, ``bytearray`` or a numpy array of at least ``SHARE_THRESHOLD``
-bytes) is replaced by a reference, the pickle protocol's "persistent id".
-The buffer itself is scattered to the cluster once, under a key derived from
-its content, and handed to the batch's task as a Dask dependency, so each
-worker fetches it once and keeps it while it is in use.
+batch. Instead a batch is pickled with protocol 5, which hands every large
+contiguous buffer (a numpy array's data, including those inside pandas
+objects, or a ``bytearray``, of at least ``SHARE_THRESHOLD`` bytes) to a
+callback rather than copying it into the pickle. The buffer is scattered to
+the cluster once, under a key derived from its content, and given to the
+batch's task as a Dask dependency, so each worker fetches it once and keeps
+it while it is in use. ``bytes`` objects are not out-of-band buffers in
+pickle, so they are not shared this way; a large payload of them is
+scattered as a whole instead (see the engine).
+
+Why a buffer callback and not a pickler hook that looks at every object: the
+hook is a Python call per object, which made pickling a chunk of 20,000 small
+items 15x slower; the callback runs only for buffers.
+
+Each call gets its own writable copy of a shared buffer (a memory copy costs
+well under a millisecond per 8 MB), so a call that changes its argument in
+place changes nothing for the others, as with ``ProcessPoolExecutor``.
 
 Content, not identity, names a buffer: an array changed in place between two
 submits is sent again, as ``ProcessPoolExecutor`` would pickle it again. A
@@ -24,7 +35,6 @@ import io
 import pickle
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import cloudpickle
@@ -35,68 +45,77 @@ SHARE_THRESHOLD = 1_000_000
 IDLE_RELEASE = 1.0
 
 
-def is_large_buffer(obj: object) -> bool:
-    kind = type(obj)
-    if kind is bytes or kind is bytearray:
-        return len(obj) >= SHARE_THRESHOLD  # type: ignore[arg-type]
-    if kind.__name__ == "ndarray" and kind.__module__ == "numpy":
-        # Object arrays hold references, not a buffer: leave them to pickle.
-        return int(getattr(obj, "nbytes", 0)) >= SHARE_THRESHOLD and getattr(obj, "dtype", None) != "O"
-    return False
-
-
-class _SharingPickler(cloudpickle.Pickler):
-    def __init__(self, file: io.BytesIO, share: Callable[[object], str]) -> None:
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self._share = share
-        self.keys: list[str] = []
-
-    def persistent_id(self, obj: object) -> str | None:
-        if is_large_buffer(obj):
-            key = self._share(obj)
-            self.keys.append(key)
-            return key
-        return None
-
-
 class SharedBuffers:
     """The buffers this executor has put on the cluster, by content, with the
     number of batches in flight that use each. Used from one thread (the
-    engine's sender) and the collector, so it locks."""
+    engine's sender) and the collector, so it locks.
 
-    def __init__(self, client: Any) -> None:
+    ``direct`` scatters straight to the workers instead of through the
+    scheduler (3x faster for 8 MB), for clusters whose workers this process
+    can reach, which is so when the executor started them.
+    """
+
+    def __init__(self, client: Any, direct: bool = False) -> None:
         self._client = client
+        self._direct = direct
         self._lock = threading.Lock()
         self._futures: dict[str, Any] = {}
         self._users: collections.Counter[str] = collections.Counter()
         self._idle_since: dict[str, float] = {}
 
-    def _share(self, obj: object) -> str:
-        from dask.base import tokenize
+    def dumps(self, parts: list[Any]) -> tuple[bytes, list[str], list[Any]]:
+        """Pickle the ``parts`` of a batch about to be sent (its calls, or
+        one map chunk); return the payload, the distinct shared keys it refers
+        to, and the Dask futures of its out-of-band buffers in pickling order
+        (to pass to the task as dependencies). Call :meth:`done` with the keys
+        when the batch is settled.
 
-        key = f"sulis-shared-{tokenize(obj)}"
+        Each part is pickled on its own, as ``ProcessPoolExecutor`` pickles
+        each call: an object given to two calls in one batch must arrive as
+        two objects, or one call would see what the other did to it.
+        """
+        large: list[memoryview] = []
+
+        def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+            try:
+                raw = buffer.raw()
+            except BufferError:  # not contiguous: let pickle copy it in band
+                return True
+            if raw.nbytes < SHARE_THRESHOLD:
+                return True
+            large.append(raw)
+            return False
+
+        file = io.BytesIO()
+        pickler = cloudpickle.Pickler(file, protocol=5, buffer_callback=out_of_band)
+        pickled, counts = [], []
+        for part in parts:
+            before = len(large)
+            file.seek(0)
+            file.truncate()
+            pickler.clear_memo()
+            pickler.dump(part)
+            pickled.append(file.getvalue())
+            counts.append(len(large) - before)
+        payload = pickle.dumps((pickled, counts), protocol=5)
+        if not large:
+            return payload, [], []
+        from dask.hashing import hash_buffer_hex
+
+        order = [f"sulis-shared-{raw.nbytes}-{hash_buffer_hex(raw)}" for raw in large]
+        keys = list(dict.fromkeys(order))
         with self._lock:
-            known = key in self._futures
-        if not known:
-            (future,) = self._client.scatter({key: obj}, hash=False).values()
+            missing = {k: raw for k, raw in zip(order, large) if k not in self._futures}
+        if missing:
+            scattered = self._client.scatter(missing, hash=False, direct=self._direct)
             with self._lock:
-                self._futures.setdefault(key, future)
-        return key
-
-    def dumps(self, obj: object) -> tuple[bytes, list[str], list[Any]]:
-        """Pickle ``obj`` for a batch about to be sent; return the payload,
-        the shared keys it refers to, and their Dask futures (to pass to the
-        task as dependencies). Call :meth:`done` with the keys when the batch
-        is settled."""
-        buffer = io.BytesIO()
-        pickler = _SharingPickler(buffer, self._share)
-        pickler.dump(obj)
-        keys = list(dict.fromkeys(pickler.keys))
+                for key, future in scattered.items():
+                    self._futures.setdefault(key, future)
         with self._lock:
             self._users.update(keys)
             for key in keys:
                 self._idle_since.pop(key, None)
-            return buffer.getvalue(), keys, [self._futures[k] for k in keys]
+            return payload, keys, [self._futures[k] for k in order]
 
     def done(self, keys: list[str]) -> None:
         """A batch using ``keys`` is settled: buffers nobody uses become idle."""
@@ -131,10 +150,15 @@ class SharedBuffers:
             future.release()
 
 
-def loads(payload: bytes, shared: dict[str, Any]) -> Any:
-    """Unpickle a batch on a worker, resolving shared buffers."""
-    if not shared:
-        return cloudpickle.loads(payload)
-    unpickler = pickle.Unpickler(io.BytesIO(payload))
-    unpickler.persistent_load = shared.__getitem__  # type: ignore[assignment]
-    return unpickler.load()
+def loads(payload: bytes, shared: tuple[Any, ...]) -> list[Any]:
+    """Unpickle a batch's parts on a worker. ``shared`` are its out-of-band
+    buffers in order; each part gets its own copy of those it uses, so a
+    call owns (and may change) its arguments."""
+    pickled, counts = pickle.loads(payload)
+    parts = []
+    position = 0
+    for part, count in zip(pickled, counts):
+        buffers = [bytearray(b) for b in shared[position:position + count]]
+        position += count
+        parts.append(pickle.loads(part, buffers=buffers))
+    return parts

@@ -206,7 +206,8 @@ class SulisDaskExecutor(Executor):
                 )
             if cluster.min_workers:
                 self._wait_for_workers(client, cluster.min_workers, deadline, cluster.description)
-            engine = Engine(client, self._launcher, token, initializer is not None)
+            engine = Engine(client, self._launcher, token, initializer is not None,
+                            cluster.workers_reachable)
         except BaseException:
             client.close()
             self._launcher.close(timeout=10)

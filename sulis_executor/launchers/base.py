@@ -19,6 +19,9 @@ class Cluster:
     address, or an in-process cluster object that shares its event loop.
     ``expected_workers`` is how many workers the launcher promised; the
     executor waits for ``min_workers`` of them before returning.
+    ``workers_reachable`` says this process can connect to the workers
+    directly (true when the launcher started them on this job's network), so
+    large data can skip the hop through the scheduler.
     """
 
     target: Any
@@ -26,6 +29,7 @@ class Cluster:
     expected_workers: int | None = None
     min_workers: int = 0
     description: str = ""
+    workers_reachable: bool = False
 
 
 class Launcher(abc.ABC):

@@ -67,6 +67,7 @@ class LocalLauncher(Launcher):
             expected_workers=self.n_workers,
             min_workers=self.n_workers,
             description=f"a local cluster of {self.n_workers} worker processes",
+            workers_reachable=True,
         )
 
     def worker_pids(self) -> list[int]:

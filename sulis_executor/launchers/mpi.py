@@ -122,6 +122,7 @@ class MpiLauncher(Launcher):
             expected_workers=expected,
             min_workers=minimum,
             description=f"an MPI world of {self.size} ranks ({expected} workers)",
+            workers_reachable=True,
         )
 
     def _send_to_workers(self, comm: Any, message: dict[str, Any]) -> None:

@@ -258,6 +258,7 @@ class SrunLauncher(Launcher):
             expected_workers=expected,
             min_workers=minimum,
             description=self.description,
+            workers_reachable=True,
         )
 
     @property
