@@ -49,6 +49,12 @@ def nbytes(data) -> int:
     return len(data)
 
 
+def append_and_count(items: list, value) -> int:
+    """Append to the list it is given, in place; return its new length."""
+    items.append(value)
+    return len(items)
+
+
 def make_bytes(n: int) -> bytes:
     return b"\x07" * n
 

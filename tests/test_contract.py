@@ -188,6 +188,14 @@ def test_unpicklable_result_fails_the_future_without_hanging(executor):
     assert executor.submit(h.square, 4).result(timeout=30) == 16
 
 
+def test_every_call_gets_its_own_copy_of_its_arguments(executor):
+    shared = [0]
+    futures = [executor.submit(h.append_and_count, shared, i) for i in range(50)]
+    # Calls submitted back to back may travel together; none sees another's change.
+    assert [f.result(timeout=30) for f in futures] == [2] * 50
+    assert shared == [0]
+
+
 def test_large_arguments_and_results_round_trip(executor):
     data = os.urandom(20 * MB)
     assert executor.submit(h.nbytes, data).result(timeout=30) == len(data)
