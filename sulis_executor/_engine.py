@@ -589,6 +589,36 @@ class Engine:
             except Exception:
                 logger.debug("could not cancel the work of a broken executor", exc_info=True)
 
+    def abandon_chunks(self, futures: list[Future[Any]]) -> None:
+        """Nobody will read these map chunks (the results iterator was closed,
+        dropped, timed out or failed): cancel those still queued here, and
+        withdraw from the cluster those handed to it, so any a worker has not
+        started never run. One a worker is running finishes there, as a
+        running call does in ``ProcessPoolExecutor``, and its result is
+        dropped.
+        """
+        # Not under _lock: cancelling runs done callbacks, which take it.
+        running = [future for future in futures if not future.cancel()]
+        handed: list[Batch] = []
+        with self._lock:
+            for future in running:
+                for batch_id, batch in list(self._in_flight.items()):
+                    if batch.kind == _remote.CHUNK and batch.calls[0].future is future:
+                        handed.append(self._in_flight.pop(batch_id))
+                        break
+        if not handed:
+            return
+        for batch in handed:
+            self._settle(batch, CancelledError())
+            self._shared.done(batch.shared_keys)
+        dask_futures = [b.dask_future for b in handed if b.dask_future is not None]
+        if dask_futures and not self._scheduler_lost():
+            try:
+                self.client.cancel(dask_futures)
+            except Exception:
+                logger.debug("could not withdraw abandoned map chunks", exc_info=True)
+        self._pump()  # their places on the cluster are free
+
     def unfinished_futures(self) -> list[Future[Any]]:
         with self._lock:
             queued = [c.future for c in self._queue]

@@ -4,12 +4,13 @@ Two things make ``map`` fast on Dask, where a task costs about 2 ms:
 
 * **Adaptive chunks.** When the caller leaves ``chunksize`` at its default,
   items are grouped into chunks sized from measurement, in the spirit of
-  joblib's automatic batch size: the first chunks hold one item each (the
-  calls may be long); once a chunk comes back, its measured time per item
-  sets the next sizes so a chunk takes about ``TARGET_CHUNK_SECONDS``. When
-  the number of items left is known, chunks are also capped so that every
-  worker still gets work near the end. An explicit ``chunksize`` is honoured
-  exactly.
+  joblib's automatic batch size: the first chunks hold one item each, two
+  per worker thread (the calls may be long); once a chunk comes back, its
+  measured time per item sets the next sizes so a chunk takes about
+  ``TARGET_CHUNK_SECONDS``. When the number of items is known, chunks are
+  also capped so every worker thread gets a share, and shrink near the end
+  so the threads finish together (see ``ChunkSizer.next_size``). An
+  explicit ``chunksize`` is honoured exactly.
 * **A bounded window.** Only ``buffersize`` chunks (by default four per worker
   thread) are submitted and not yet yielded; the next one is submitted as
   each completes. Inputs are read lazily, so a ``map`` over ten million items,
@@ -30,12 +31,12 @@ from typing import Any
 from ._engine import rebuild_exception
 
 #: Adaptive chunks aim to take about this long on a worker (joblib aims at
-#: 0.2-1 s; 200 x 50 ms sleeps on 8 workers measured 0.85 efficiency at
-#: 0.05 s and 0.92 at 0.2 s), and, near the end of known-length input, no
-#: less than the minimum: a chunk costs a Dask round trip of several
-#: milliseconds, so smaller ones cost more in overhead than they win in
-#: balance.
-TARGET_CHUNK_SECONDS = 0.2
+#: 0.2-2 s). Each chunk costs a scheduler round trip during which its worker
+#: idles (about 4 ms here): 200 x 50 ms sleeps on 8 workers measured 0.85
+#: efficiency at 0.05 s, 0.92 at 0.2 s and 0.95 at 0.5 s. Near the end of
+#: known-length input, chunks shrink, but not below the minimum per thread:
+#: smaller ones cost more in round trips than they win in balance.
+TARGET_CHUNK_SECONDS = 0.5
 MIN_CHUNK_SECONDS = 0.01
 MAX_CHUNK_ITEMS = 200_000
 #: Default window: chunks submitted and not yet yielded, per worker thread.
@@ -69,6 +70,27 @@ class ChunkSizer:
         self._threads = threads
         self._remaining = total
         self._seconds_per_item: float | None = None
+        self._timed_items = 0.0
+        self._timed_seconds = 0.0
+        self._remaining_when_first_timed: int | None = None
+        self._well_timed = False
+
+    def may_submit(self, submitted: int) -> bool:
+        """Whether another chunk may go now, with ``submitted`` not yet done.
+
+        Until a chunk has been timed, only one probe per worker thread goes:
+        more one-item chunks would queue ahead of the sized chunks that the
+        first timing allows, each costing a round trip (the main cost of a
+        tiny-task map), while long calls need no more than one per thread to
+        keep every worker busy until the timing arrives. Until a chunk of
+        several items has been timed, the timing is one call's (a noisy
+        guess, since it times the loop around the call as much as the call),
+        so only what the cluster takes at once (two per thread) is sized
+        from it.
+        """
+        if self._fixed is not None or self._well_timed:
+            return True
+        return submitted < 2 * self._threads()
 
     def next_size(self) -> int:
         if self._fixed is not None:
@@ -78,10 +100,19 @@ class ChunkSizer:
         per_item = max(self._seconds_per_item, 1e-8)
         size = max(1, min(int(TARGET_CHUNK_SECONDS / per_item), MAX_CHUNK_ITEMS))
         if self._remaining is not None:
-            # Near the end, split what is left so every worker gets a share,
-            # but not into chunks too small to pay for their round trip.
-            fair_share = math.ceil(self._remaining / (2 * max(1, self._threads())))
-            size = min(size, max(fair_share, int(MIN_CHUNK_SECONDS / per_item), 1))
+            # Known-length input. The bulk of it goes in chunks giving each
+            # worker thread two shares of what was left when calls were first
+            # timed, or one share while two would each take less than a
+            # round trip: tiny calls pay more in round trips than they win in
+            # balance. The tail then splits what is left among the threads,
+            # shrinking as it goes (guided self-scheduling), but not below a
+            # round trip's worth per thread.
+            threads = max(1, self._threads())
+            worth_a_trip = int(MIN_CHUNK_SECONDS / per_item)
+            known = self._remaining_when_first_timed or 0
+            bulk = max(math.ceil(known / (2 * threads)), min(math.ceil(known / threads), worth_a_trip))
+            tail = max(math.ceil(self._remaining / threads), min(self._remaining, worth_a_trip // threads))
+            size = max(1, min(size, bulk, tail))
         return size
 
     def took(self, items: int) -> None:
@@ -91,9 +122,14 @@ class ChunkSizer:
     def observe(self, items: int, seconds: float) -> None:
         if self._fixed is not None or items == 0:
             return
-        per_item = seconds / items
-        previous = self._seconds_per_item
-        self._seconds_per_item = per_item if previous is None else 0.5 * (previous + per_item)
+        # Recent chunks count most, each in proportion to its items: a
+        # one-item probe times the loop around the call as much as the call.
+        self._timed_items = 0.5 * self._timed_items + items
+        self._timed_seconds = 0.5 * self._timed_seconds + seconds
+        if self._seconds_per_item is None:
+            self._remaining_when_first_timed = self._remaining
+        self._seconds_per_item = self._timed_seconds / self._timed_items
+        self._well_timed = self._well_timed or items > 1
 
 
 def ordered_results(
@@ -103,8 +139,11 @@ def ordered_results(
     window: int,
     submit_chunk: Callable[[Callable[..., Any], list[Any], int, bool], Future[Any]],
     end_time: float | None,
+    abandon: Callable[[list[Future[Any]]], None],
 ) -> Iterator[Any]:
-    """Submit the first ``window`` chunks now; return the results iterator."""
+    """Submit the first ``window`` chunks now; return the results iterator.
+    ``abandon`` is given the chunks nobody will read, when the iterator ends
+    early."""
     # One iterable: send bare items, which pickle faster than 1-tuples.
     star = len(iterables) != 1
     items = zip(*iterables) if star else iter(iterables[0])
@@ -112,6 +151,8 @@ def ordered_results(
     pending: collections.deque[Future[Any]] = collections.deque()
 
     def submit_next() -> bool:
+        if not sizer.may_submit(len(pending)):
+            return False
         chunk = list(itertools.islice(items, sizer.next_size()))
         if not chunk:
             return False
@@ -122,7 +163,7 @@ def ordered_results(
 
     while len(pending) < window and submit_next():
         pass
-    return _results(pending, submit_next, sizer, window, end_time)
+    return _results(pending, submit_next, sizer, window, end_time, abandon)
 
 
 def _results(
@@ -131,6 +172,7 @@ def _results(
     sizer: ChunkSizer,
     window: int,
     end_time: float | None,
+    abandon: Callable[[list[Future[Any]]], None],
 ) -> Iterator[Any]:
     try:
         while pending:
@@ -156,8 +198,7 @@ def _results(
                 raise rebuild_exception(error[1], error[2])
     finally:
         # Closed, dropped, timed out or failed: nobody will read the rest.
-        # Chunks still queued are cancelled; those already handed to the
-        # cluster finish, as running calls do in ProcessPoolExecutor, and
-        # shutdown(wait=True) waits for them.
-        for future in pending:
-            future.cancel()
+        # Chunks not yet started never run; those a worker is running finish,
+        # as running calls do in ProcessPoolExecutor.
+        if pending:
+            abandon(list(pending))

@@ -327,7 +327,7 @@ class SulisDaskExecutor(Executor):
         sizer = ChunkSizer(fixed, lambda: engine.threads, items_hint(iterables))
         window = buffersize if buffersize is not None else WINDOW_PER_THREAD * engine.threads
         total = items_hint(iterables)
-        results = ordered_results(fn, iterables, sizer, window, submit_chunk, end_time)
+        results = ordered_results(fn, iterables, sizer, window, submit_chunk, end_time, engine.abandon_chunks)
         if progress:
             from ._progress import progress as show_progress
 
