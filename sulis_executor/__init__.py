@@ -7,24 +7,44 @@
 
 from __future__ import annotations
 
-from ._progress import progress
-from .errors import (
-    BrokenSulisExecutor,
-    ClusterStartupTimeout,
-    RemoteTraceback,
-    UnpicklableError,
-    WorkerDiedError,
-)
-from .executor import SulisDaskExecutor
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "BrokenSulisExecutor",
-    "ClusterStartupTimeout",
-    "RemoteTraceback",
-    "SulisDaskExecutor",
-    "UnpicklableError",
-    "WorkerDiedError",
-    "progress",
-]
+if TYPE_CHECKING:
+    from ._progress import progress as progress
+    from .errors import BrokenSulisExecutor as BrokenSulisExecutor
+    from .errors import ClusterStartupTimeout as ClusterStartupTimeout
+    from .errors import RemoteTraceback as RemoteTraceback
+    from .errors import UnpicklableError as UnpicklableError
+    from .errors import WorkerDiedError as WorkerDiedError
+    from .executor import SulisDaskExecutor as SulisDaskExecutor
+
+# Public names are imported on first use (PEP 562): a worker process, which
+# runs ``python -m sulis_executor.worker``, imports this package too, and its
+# start-up time is part of the executor's.
+_EXPORTS = {
+    "BrokenSulisExecutor": ".errors",
+    "ClusterStartupTimeout": ".errors",
+    "RemoteTraceback": ".errors",
+    "SulisDaskExecutor": ".executor",
+    "UnpicklableError": ".errors",
+    "WorkerDiedError": ".errors",
+    "progress": "._progress",
+}
+
+__all__ = sorted(_EXPORTS)
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -26,6 +26,7 @@ from ._quiet import silence_dask_logs
 from .config import ExecutorOptions, resolve_options
 from .errors import BrokenSulisExecutor, ClusterStartupTimeout
 from .launchers import choose_launch_mode, make_launcher
+from .launchers.base import Cluster
 
 __all__ = ["SulisDaskExecutor"]
 
@@ -205,7 +206,7 @@ class SulisDaskExecutor(Executor):
                     name=_remote.initializer_plugin_name(token),
                 )
             if cluster.min_workers:
-                self._wait_for_workers(client, cluster.min_workers, deadline, cluster.description)
+                self._wait_for_workers(client, cluster, deadline)
             engine = Engine(client, self._launcher, token, initializer is not None,
                             cluster.workers_reachable)
         except BaseException:
@@ -221,13 +222,23 @@ class SulisDaskExecutor(Executor):
         return engine
 
     @staticmethod
-    def _wait_for_workers(client: Any, count: int, deadline: float, description: str) -> None:
+    def _wait_for_workers(client: Any, cluster: Cluster, deadline: float) -> None:
+        count = cluster.min_workers
+        # A scheduler in this process is watched directly: Client.wait_for_workers
+        # asks the scheduler every 0.1 s, a tenth of a second of start-up time.
+        scheduler = getattr(cluster.target, "scheduler", None)
         try:
-            client.wait_for_workers(count, timeout=max(0.1, deadline - time.monotonic()))
+            if scheduler is not None and hasattr(scheduler, "workers"):
+                while len(scheduler.workers) < count:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError
+                    time.sleep(0.005)
+            else:
+                client.wait_for_workers(count, timeout=max(0.1, deadline - time.monotonic()))
         except TimeoutError:
             arrived = len(client.scheduler_info()["workers"])
             raise ClusterStartupTimeout(
-                f"only {arrived} of {count} workers of {description} arrived before the "
+                f"only {arrived} of {count} workers of {cluster.description} arrived before the "
                 f"timeout; check the workers' output for errors, that they can reach the "
                 f"scheduler on the chosen interface, or raise timeout="
             ) from None

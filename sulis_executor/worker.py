@@ -90,7 +90,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m sulis_executor.worker",
         description="Run one Dask worker for a SulisDaskExecutor cluster.",
     )
-    parser.add_argument("scheduler", help="scheduler address, e.g. tls://10.0.0.1:40123")
+    parser.add_argument("scheduler", help="scheduler address, e.g. tls://10.0.0.1:40123; '-' to "
+                        "import Dask first, then read the address from standard input (a JSON "
+                        "line with 'scheduler' and, optionally, 'security_file')")
     parser.add_argument("--name", default=None,
                         help="worker name shown by the scheduler; may use {procid}, {localid}, "
                              "{nodeid}, {node}, {jobid}, {stepid}, {rank}, {pid}")
@@ -128,6 +130,21 @@ def _credentials_from_env(variable: str) -> dict[str, str]:
 
 #: Seconds between the batched sends of a worker's messages to the scheduler.
 STREAM_INTERVAL = 0.001
+
+
+def _read_greeting(args: argparse.Namespace) -> bool:
+    """Read the scheduler address (and credentials file) from the
+    launcher's JSON line on standard input. ``False`` if the input ends
+    first."""
+    import json
+
+    line = sys.stdin.readline()
+    if not line.strip():
+        return False
+    greeting = json.loads(line)
+    args.scheduler = greeting["scheduler"]
+    args.security_file = greeting.get("security_file") or args.security_file
+    return True
 
 
 async def _run(args: argparse.Namespace, security: Any = None) -> None:
@@ -194,10 +211,17 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
     except ValueError as error:
         print(f"sulis_executor.worker: {error}", file=sys.stderr)
         return 2
+    # Importing Dask (most of a worker's start-up time) sets up its loggers,
+    # which are then silenced; a worker told to read its scheduler's address
+    # does this while the scheduler starts.
+    import distributed  # noqa: F401
+
     if not args.verbose:
         from ._quiet import silence_dask_logs
 
         silence_dask_logs(verbose=False)
+    if args.scheduler == "-" and not _read_greeting(args):
+        return 0  # the launcher gave up before the scheduler started
     # Workers never print tracebacks of their own on the way out: a closed
     # scheduler is the normal way for them to end.
     try:

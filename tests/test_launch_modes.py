@@ -218,6 +218,17 @@ def test_worker_rejects_unknown_interface(capsys: pytest.CaptureFixture[str]) ->
     assert "available interfaces" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(60)
+def test_worker_waiting_for_its_scheduler_address_exits_quietly_when_input_ends() -> None:
+    # A local worker starts before its scheduler and reads the address from
+    # its standard input; if the launcher gives up first, the input just ends.
+    proc = subprocess.run(
+        [sys.executable, "-m", "sulis_executor.worker", "-"],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=50,
+    )
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
 # -- scheduler file --------------------------------------------------------------
 
 def test_read_address_tolerates_missing_and_partial_files(tmp_path: Path) -> None:

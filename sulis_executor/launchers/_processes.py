@@ -5,10 +5,16 @@ command; when its process dies while the cluster is open (killed, or
 crashed by a task), a fresh one takes its place, as a Dask nanny would. A
 slot that keeps dying straight after start is given up, so a worker that
 cannot start does not spin forever.
+
+Workers may start before the scheduler exists: a worker started with ``-``
+for its scheduler imports Dask (most of its start-up time) and then reads
+the scheduler's address from its standard input, which :meth:`greet`
+writes to every worker once the scheduler is up.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -41,6 +47,7 @@ class WorkerProcesses:
                  env: dict[str, str] | None = None) -> None:
         self._command_for = command_for
         self._env = env
+        self._greeting: bytes | None = None
         self._lock = threading.Lock()
         self._closing = False
         self._procs: list[subprocess.Popen[bytes] | None] = [None] * slots
@@ -64,11 +71,33 @@ class WorkerProcesses:
                 return None
             # Output is inherited: what tasks print is the user's output, as
             # with ProcessPoolExecutor. Dask's logs are silenced in the worker.
+            # Standard input carries the greeting, then ends.
             proc = subprocess.Popen(
-                self._command_for(slot, generation), stdin=subprocess.DEVNULL, env=self._env
+                self._command_for(slot, generation), stdin=subprocess.PIPE, env=self._env
             )
             self._procs[slot] = proc
+            if self._greeting is not None:
+                self._send_greeting(proc)
             return proc
+
+    def greet(self, settings: dict[str, str | None]) -> None:
+        """Tell every worker, now and later, what it waits for on its
+        standard input: the scheduler address and the like, as JSON."""
+        with self._lock:
+            self._greeting = json.dumps(settings).encode() + b"\n"
+            for proc in self._procs:
+                if proc is not None:
+                    self._send_greeting(proc)
+
+    def _send_greeting(self, proc: subprocess.Popen[bytes]) -> None:
+        stdin = proc.stdin
+        if stdin is None or stdin.closed or self._greeting is None:
+            return
+        try:  # one short line: a pipe takes it without blocking
+            stdin.write(self._greeting)
+            stdin.close()
+        except OSError:  # the worker is gone already; its supervisor sees to it
+            pass
 
     def _supervise(self, slot: int) -> None:
         quick_deaths = 0
@@ -94,6 +123,14 @@ class WorkerProcesses:
         with self._lock:
             self._closing = True
             procs = [p for p in self._procs if p is not None]
+            for proc in procs:
+                if proc.stdin is not None and not proc.stdin.closed:
+                    # A worker still waiting for its greeting reads the end
+                    # of its input and exits.
+                    try:
+                        proc.stdin.close()
+                    except OSError:
+                        pass
         for proc in procs:
             if proc.poll() is None:
                 try:

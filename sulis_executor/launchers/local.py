@@ -45,22 +45,26 @@ class LocalLauncher(Launcher):
         options = self._options
         if options.interface:
             validate_interface(options.interface)
+        # Workers first: starting an interpreter and importing Dask is most
+        # of the start-up time, so they do it while the scheduler starts,
+        # then read its address from their standard input.
+        # An interface is in the shared flags; without one, bind to loopback.
+        extra = worker_flags(options, None) + ([] if options.interface else ["--host", "127.0.0.1"])
+        self._workers = WorkerProcesses(
+            self.n_workers,
+            lambda slot, generation: worker_command("-", f"local-{slot}-{generation}", extra),
+            env=pythonpath_env(),
+        )
+        self._workers.start()
         # Loopback unless an interface is named: a local cluster has no
         # business listening on the network.
         cluster = start_scheduler(options, self._security, None if options.interface else "127.0.0.1")
         self._cluster = cluster
-        address = cluster.scheduler_address
-        # An interface is in the shared flags; without one, bind to loopback.
-        extra = worker_flags(options, None) + ([] if options.interface else ["--host", "127.0.0.1"])
+        greeting: dict[str, str | None] = {"scheduler": cluster.scheduler_address, "security_file": None}
         if self._security is not None:
             self._credentials = CredentialsFile(credentials_of(self._security))
-            extra += ["--security-file", self._credentials.path]
-        self._workers = WorkerProcesses(
-            self.n_workers,
-            lambda slot, generation: worker_command(address, f"local-{slot}-{generation}", extra),
-            env=pythonpath_env(),
-        )
-        self._workers.start()
+            greeting["security_file"] = self._credentials.path
+        self._workers.greet(greeting)
         return Cluster(
             target=self._cluster,
             security=self._security,
