@@ -178,7 +178,7 @@ class Engine:
     """Queues calls, sends them to a Dask cluster in batches, settles futures."""
 
     def __init__(self, client: Any, launcher: Any, token: str, has_initializer: bool,
-                 direct_to_workers: bool = False) -> None:
+                 direct_to_workers: bool = False, shared_directory: str | None = None) -> None:
         self.client = client
         self.launcher = launcher
         self.token = token
@@ -201,7 +201,7 @@ class Engine:
         # Scatter straight to the workers when this process can reach them
         # (when the executor started them), not through the scheduler.
         self._direct = direct_to_workers
-        self._shared = SharedBuffers(client, direct_to_workers)
+        self._shared = SharedBuffers(client, direct_to_workers, shared_directory)
         self._refresh_capacity()
         # Dask's client batches its messages to the scheduler every 10 ms,
         # which is most of a task's round trip here (11 ms -> 6 ms measured):

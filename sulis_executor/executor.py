@@ -208,7 +208,7 @@ class SulisDaskExecutor(Executor):
             if cluster.min_workers:
                 self._wait_for_workers(client, cluster, deadline)
             engine = Engine(client, self._launcher, token, initializer is not None,
-                            cluster.workers_reachable)
+                            cluster.workers_reachable, cluster.shared_directory)
         except BaseException:
             client.close()
             self._launcher.close(timeout=10)

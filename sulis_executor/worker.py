@@ -144,10 +144,11 @@ def _read_greeting(args: argparse.Namespace) -> bool:
     greeting = json.loads(line)
     args.scheduler = greeting["scheduler"]
     args.security_file = greeting.get("security_file") or args.security_file
+    args.remove_when_orphaned = greeting.get("remove_when_orphaned") or []
     return True
 
 
-async def _run(args: argparse.Namespace, security: Any = None) -> None:
+async def _run(args: argparse.Namespace, security: Any = None, parent: int = 0) -> None:
     from distributed import Worker
     from distributed.utils import get_ip_interface
 
@@ -178,9 +179,7 @@ async def _run(args: argparse.Namespace, security: Any = None) -> None:
     worker.batched_stream.interval = STREAM_INTERVAL
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(
-            signum, lambda: asyncio.ensure_future(worker.close(reason="signal", nanny=False))
-        )
+        loop.add_signal_handler(signum, _on_signal, worker, args, parent)
     await worker
     await worker.finished()
 
@@ -196,6 +195,7 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
     """
     if die_with_parent:
         _die_with_parent()
+    parent = os.getppid()
     args = _parse(argv)
     try:
         args.name = expand_name(args.name, os.environ)
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
     # Workers never print tracebacks of their own on the way out: a closed
     # scheduler is the normal way for them to end.
     try:
-        asyncio.run(_run(args, security))
+        asyncio.run(_run(args, security, parent))
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     except Exception as error:
@@ -236,7 +236,31 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
         print(f"sulis_executor.worker {args.name or ''}: {type(error).__name__}: {error}",
               file=sys.stderr, flush=True)
         return 1
+    finally:
+        _clean_up_if_orphaned(args, parent)
     return 0
+
+
+def _on_signal(worker: Any, args: argparse.Namespace, parent: int) -> None:
+    """SIGTERM or SIGINT: close, letting a running task finish, as a Dask
+    worker does; but if our parent, the client, is gone (the signal is the
+    parent-death signal), nobody will take the result, and the task may run
+    for hours: remove the client's files and exit now."""
+    if parent and os.getppid() != parent:
+        _clean_up_if_orphaned(args, parent)
+        os._exit(0)
+    asyncio.ensure_future(worker.close(reason="signal", nanny=False))
+
+
+def _clean_up_if_orphaned(args: argparse.Namespace, parent: int) -> None:
+    """The client that started us died (our parent changed) without removing
+    its private files (credentials, shared buffers): remove them for it."""
+    paths = getattr(args, "remove_when_orphaned", None)
+    if paths and os.getppid() != parent:
+        import shutil
+
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -89,3 +89,13 @@ def change_in_place_and_sum(array, _: object = None) -> float:
     """Double the array it is given, in place, and return the new sum."""
     array *= 2
     return float(array.sum())
+
+
+def sum_when_released(array, release: str, deadline: float = 30.0) -> float:
+    """Hold on to the array until the file ``release`` exists; return its sum."""
+    end = time.monotonic() + deadline
+    while not os.path.exists(release):
+        if time.monotonic() > end:
+            raise TimeoutError(f"{release} never appeared")
+        time.sleep(0.01)
+    return float(array.sum())

@@ -379,6 +379,40 @@ def test_each_call_gets_its_own_copy_of_a_shared_array(shared_executor):
     assert array.sum() == 500_000.0
 
 
+# On a local cluster, large buffers travel as files in a private directory
+# in /dev/shm instead (see _shared): written once, removed when done.
+
+
+def _shared_files(executor) -> list[Path]:
+    directory = Path(executor._launcher._shared.path)
+    assert directory.stat().st_mode & 0o077 == 0, "the shared directory is open to other users"
+    return sorted(directory.iterdir())
+
+
+def test_local_cluster_sends_a_large_array_once_as_a_private_file_then_removes_it(host_executor, tmp_path):
+    import numpy
+
+    array = numpy.random.rand(500_000)
+    release = tmp_path / "release"
+    futures = [host_executor.submit(tasks.sum_when_released, array, str(release)) for _ in range(6)]
+    wait_until(lambda: any(f.running() for f in futures), what="the calls to start")
+    files = _shared_files(host_executor)
+    assert [f.stat().st_size for f in files] == [array.nbytes]
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    release.touch()
+    assert [f.result(timeout=60) for f in futures] == [float(array.sum())] * 6
+    wait_until(lambda: not _shared_files(host_executor), what="the shared file to be removed")
+
+
+def test_local_cluster_calls_get_their_own_copy_of_a_shared_array(host_executor):
+    import numpy
+
+    array = numpy.ones(500_000)
+    futures = [host_executor.submit(tasks.change_in_place_and_sum, array, i) for i in range(10)]
+    assert [f.result(timeout=60) for f in futures] == [1_000_000.0] * 10
+    assert array.sum() == 500_000.0
+
+
 def test_a_large_array_sum_comes_back_right_from_many_submits(shared_executor):
     import numpy
 

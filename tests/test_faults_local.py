@@ -5,6 +5,8 @@
   same port; the executor's own work still runs.
 * Ctrl-C (SIGINT to the process group) of a script in the middle of a
   ``map`` leaves no worker process behind.
+* A client killed outright (SIGKILL) leaves neither workers nor its private
+  files (credentials, shared buffers) behind.
 * A garbage SLURM variable in a batch environment fails the constructor at
   once with a ``ValueError`` naming the variable.
 
@@ -150,6 +152,55 @@ def test_ctrl_c_in_a_map_leaves_no_worker_behind(tmp_path: Path, target: str) ->
         assert not left, (f"processes left {elapsed:.1f} s after Ctrl-C: "
                           f"{[psutil.Process(p).cmdline() for p in left]}")
         assert elapsed < 20, f"exit took {elapsed:.1f} s after Ctrl-C"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+KILLED_CLIENT_SCRIPT = """
+import json, os, time
+import numpy
+from sulis_executor import SulisDaskExecutor
+
+def hold(array):
+    time.sleep(60)
+
+ex = SulisDaskExecutor(max_workers=2)
+future = ex.submit(hold, numpy.random.rand(500_000))  # 4 MB: travels as a file
+while not future.running():
+    time.sleep(0.01)
+launcher = ex._launcher
+print("READY " + json.dumps({
+    "main": os.getpid(),
+    "workers": sorted(ex.client.run(os.getpid).values()),
+    "private": [launcher._shared.path, launcher._credentials.directory],
+}), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.timeout(90)
+def test_a_killed_client_leaves_no_workers_and_no_private_files_behind(tmp_path: Path) -> None:
+    """SIGKILL gives the client no chance to clean up: its workers, which die
+    with it, remove its credentials and shared-buffer files on the way out."""
+    script = tmp_path / "killed.py"
+    script.write_text(textwrap.dedent(KILLED_CLIENT_SCRIPT))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        ready = _wait_for_ready(proc, time.monotonic() + 60)
+        private = [Path(p) for p in ready["private"]]  # type: ignore[attr-defined]
+        assert all(p.is_dir() for p in private) and any(private[0].iterdir()), private
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        left = _gone(list(ready["workers"]), timeout=30)  # type: ignore[call-overload]
+        assert not left, f"workers outlived their killed client: {left}"
+        assert not [p for p in private if p.exists()], "private files left behind"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

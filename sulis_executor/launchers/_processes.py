@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 logger = logging.getLogger("sulis_executor")
 
@@ -80,7 +81,7 @@ class WorkerProcesses:
                 self._send_greeting(proc)
             return proc
 
-    def greet(self, settings: dict[str, str | None]) -> None:
+    def greet(self, settings: dict[str, Any]) -> None:
         """Tell every worker, now and later, what it waits for on its
         standard input: the scheduler address and the like, as JSON."""
         with self._lock:

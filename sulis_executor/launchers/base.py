@@ -21,7 +21,9 @@ class Cluster:
     executor waits for ``min_workers`` of them before returning.
     ``workers_reachable`` says this process can connect to the workers
     directly (true when the launcher started them on this job's network), so
-    large data can skip the hop through the scheduler.
+    large data can skip the hop through the scheduler. ``shared_directory``
+    is a private directory on this machine that every worker can read (when
+    all of them run here), through which large arguments travel as files.
     """
 
     target: Any
@@ -30,6 +32,7 @@ class Cluster:
     min_workers: int = 0
     description: str = ""
     workers_reachable: bool = False
+    shared_directory: str | None = None
 
 
 class Launcher(abc.ABC):

@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from .._security import CredentialsFile, credentials_of
+from .._shared import SharedDirectory
 from ..config import ExecutorOptions
 from ._network import validate_interface
 from ._processes import WorkerProcesses, pythonpath_env, worker_command
@@ -39,6 +40,7 @@ class LocalLauncher(Launcher):
         self._cluster: Any = None
         self._workers: WorkerProcesses | None = None
         self._credentials: CredentialsFile | None = None
+        self._shared: SharedDirectory | None = None
         self.n_workers = options.max_workers or default_worker_count()
 
     def start(self, timeout: float) -> Cluster:
@@ -60,10 +62,16 @@ class LocalLauncher(Launcher):
         # business listening on the network.
         cluster = start_scheduler(options, self._security, None if options.interface else "127.0.0.1")
         self._cluster = cluster
-        greeting: dict[str, str | None] = {"scheduler": cluster.scheduler_address, "security_file": None}
+        self._shared = SharedDirectory()
+        greeting: dict[str, Any] = {
+            "scheduler": cluster.scheduler_address,
+            # Ours to clean up; the workers do it if this process dies first.
+            "remove_when_orphaned": [self._shared.path],
+        }
         if self._security is not None:
             self._credentials = CredentialsFile(credentials_of(self._security))
             greeting["security_file"] = self._credentials.path
+            greeting["remove_when_orphaned"].append(self._credentials.directory)
         self._workers.greet(greeting)
         return Cluster(
             target=self._cluster,
@@ -72,6 +80,7 @@ class LocalLauncher(Launcher):
             min_workers=self.n_workers,
             description=f"a local cluster of {self.n_workers} worker processes",
             workers_reachable=True,
+            shared_directory=self._shared.path,
         )
 
     def worker_pids(self) -> list[int]:
@@ -87,6 +96,9 @@ class LocalLauncher(Launcher):
         credentials, self._credentials = self._credentials, None
         if credentials is not None:
             credentials.remove()
+        shared, self._shared = self._shared, None
+        if shared is not None:
+            shared.remove()
 
     def dashboard_link(self) -> str | None:
         if self._cluster is None or not self._options.dashboard:
