@@ -25,7 +25,7 @@ import math
 import operator
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
 from ._engine import rebuild_exception
@@ -75,8 +75,8 @@ class ChunkSizer:
         self._remaining_when_first_timed: int | None = None
         self._well_timed = False
 
-    def may_submit(self, submitted: int) -> bool:
-        """Whether another chunk may go now, with ``submitted`` not yet done.
+    def may_submit(self, in_flight: int) -> bool:
+        """Whether another chunk may go now, with ``in_flight`` not yet done.
 
         Until a chunk has been timed, only one probe per worker thread goes:
         more one-item chunks would queue ahead of the sized chunks that the
@@ -88,9 +88,12 @@ class ChunkSizer:
         so only what the cluster takes at once (two per thread) is sized
         from it.
         """
-        if self._fixed is not None or self._well_timed:
-            return True
-        return submitted < 2 * self._threads()
+        return self.well_timed or in_flight < 2 * self._threads()
+
+    @property
+    def well_timed(self) -> bool:
+        """Chunk sizes no longer depend on the next timing."""
+        return self._fixed is not None or self._well_timed
 
     def next_size(self) -> int:
         if self._fixed is not None:
@@ -149,9 +152,11 @@ def ordered_results(
     items = zip(*iterables) if star else iter(iterables[0])
     position = [0]  # index of the next item, for error messages
     pending: collections.deque[Future[Any]] = collections.deque()
+    # Chunks done and timed before their turn to be yielded (while probing).
+    timed: set[Future[Any]] = set()
 
     def submit_next() -> bool:
-        if not sizer.may_submit(len(pending)):
+        if not sizer.may_submit(len(pending) - len(timed)):
             return False
         chunk = list(itertools.islice(items, sizer.next_size()))
         if not chunk:
@@ -163,31 +168,59 @@ def ordered_results(
 
     while len(pending) < window and submit_next():
         pass
-    return _results(pending, submit_next, sizer, window, end_time, abandon)
+    return _results(pending, timed, submit_next, sizer, window, end_time, abandon)
+
+
+def _observe(sizer: ChunkSizer, future: Future[Any]) -> None:
+    """Time a finished chunk (a failed or cancelled one tells nothing)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    (values, error), seconds = future.result()
+    sizer.observe(len(values) + (error is not None), seconds)
 
 
 def _results(
     pending: collections.deque[Future[Any]],
+    timed: set[Future[Any]],
     submit_next: Callable[[], bool],
     sizer: ChunkSizer,
     window: int,
     end_time: float | None,
     abandon: Callable[[list[Future[Any]]], None],
 ) -> Iterator[Any]:
+    def refill() -> None:
+        while len(pending) < window and submit_next():
+            pass
+
     try:
         while pending:
             future = pending[0]
             try:
+                # While probing, any chunk that finishes is timed at once,
+                # not when its turn to be yielded comes, so the sized chunks
+                # go out as soon as the first probe is back, whichever it is.
+                while not sizer.well_timed and not future.done():
+                    timeout = None if end_time is None else max(0.0, end_time - time.monotonic())
+                    done, _ = wait([f for f in pending if f not in timed], timeout, FIRST_COMPLETED)
+                    if not done:
+                        break  # timed out: result() below says so
+                    for finished in done:
+                        if finished is not future:
+                            timed.add(finished)
+                            _observe(sizer, finished)
+                    refill()
                 if end_time is None:
                     (values, error), seconds = future.result()
                 else:
                     (values, error), seconds = future.result(end_time - time.monotonic())
+                if future in timed:
+                    timed.discard(future)
+                else:
+                    sizer.observe(len(values) + (error is not None), seconds)
             finally:
                 del future
             pending.popleft()
-            sizer.observe(len(values) + (error is not None), seconds)
-            while len(pending) < window and submit_next():
-                pass
+            refill()
             # Pop as we go: the paused iterator must not keep a result alive
             # once it has been handed out (CPython's bpo-14406).
             values.reverse()
@@ -200,5 +233,6 @@ def _results(
         # Closed, dropped, timed out or failed: nobody will read the rest.
         # Chunks not yet started never run; those a worker is running finish,
         # as running calls do in ProcessPoolExecutor.
+        timed.clear()
         if pending:
             abandon(list(pending))

@@ -10,8 +10,9 @@ mpi), so they agree on the details that matter:
   executor keeps the next batches ready in the scheduler's queue instead.
 * The active memory manager is off, so an input shared by many tasks stays
   on each worker that fetched it instead of being fetched again.
-* Messages to workers are batched every 1 ms, not 5 ms: a task handed to
-  a worker waits out that interval, and executor calls are latency-bound.
+* Messages to workers and clients are batched every 1 ms, not 5 and 2 ms:
+  a task handed to a worker, or a result announced to the client, waits out
+  that interval, and executor calls are latency-bound.
   (The workers we start answer at 1 ms too; see ``sulis_executor.worker``.)
 * TLS when a ``Security`` is given, random ports only, and the HTTP
   endpoint (``/health``, and the dashboard when asked for) bound to the
@@ -20,6 +21,7 @@ mpi), so they agree on the details that matter:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -35,12 +37,23 @@ def _fast_worker_streams() -> Any:
     from distributed.diagnostics.plugin import SchedulerPlugin
 
     class FastWorkerStreams(SchedulerPlugin):
-        """Shorten the batching interval of each worker's stream as it joins."""
+        """Shorten the batching interval of each worker's and client's
+        stream as it joins."""
 
         name = "sulis-executor-fast-worker-streams"
 
         def add_worker(self, scheduler: Any, worker: str) -> None:
             stream = scheduler.stream_comms.get(worker)
+            if stream is not None:
+                stream.interval = STREAM_INTERVAL
+
+        def add_client(self, scheduler: Any, client: str) -> None:
+            # The client's stream is made just after this hook returns.
+            asyncio.get_running_loop().call_soon(self._shorten_client_stream, scheduler, client)
+
+        @staticmethod
+        def _shorten_client_stream(scheduler: Any, client: str) -> None:
+            stream = scheduler.client_comms.get(client)
             if stream is not None:
                 stream.interval = STREAM_INTERVAL
 
