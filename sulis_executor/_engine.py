@@ -51,6 +51,15 @@ logger = logging.getLogger("sulis_executor")
 
 _STOP = object()
 
+
+class _Withdraw:
+    """A note to the collector: cancel these batches' tasks on the cluster."""
+
+    __slots__ = ("batches",)
+
+    def __init__(self, batches: list[Batch]) -> None:
+        self.batches = batches
+
 #: Payloads above this size are scattered to the cluster rather than embedded
 #: in the task graph: the scheduler then never holds them, and Dask does not
 #: warn about "large graphs". (Embedding 8 MB payloads measured 4x slower.)
@@ -396,8 +405,11 @@ class Engine:
                 except queue.Empty:
                     break
             stop = any(item is _STOP for item in items)
+            withdraw = [item.batches for item in items if isinstance(item, _Withdraw)]
             try:
-                self._collect([item for item in items if item is not _STOP])
+                self._collect([item for item in items if item is not _STOP and not isinstance(item, _Withdraw)])
+                if withdraw:
+                    self._withdraw(withdraw)
             except Exception:  # never let the collector die: futures would hang
                 logger.exception("sulis_executor: error while collecting results")
             if stop:
@@ -610,14 +622,21 @@ class Engine:
             return
         for batch in handed:
             self._settle(batch, CancelledError())
-            self._shared.done(batch.shared_keys)
+        # The collector tells the cluster: this may run in any thread, even
+        # Dask's event loop (a dropped iterator is collected wherever), where
+        # the client's blocking calls cannot be made.
+        self._done.put(_Withdraw(handed))
+
+    def _withdraw(self, batches: list[list[Batch]]) -> None:
+        handed = [batch for group in batches for batch in group]
         dask_futures = [b.dask_future for b in handed if b.dask_future is not None]
         if dask_futures and not self._scheduler_lost():
             try:
                 self.client.cancel(dask_futures)
             except Exception:
                 logger.debug("could not withdraw abandoned map chunks", exc_info=True)
-        self._pump()  # their places on the cluster are free
+        for batch in handed:
+            self._shared.done(batch.shared_keys)
 
     def unfinished_futures(self) -> list[Future[Any]]:
         with self._lock:

@@ -12,6 +12,8 @@ test, so every SLURM command gets its environment from
 
 from __future__ import annotations
 
+import glob
+import os
 import re
 import subprocess
 
@@ -35,3 +37,19 @@ def slurm_conf() -> str:
         raise RuntimeError(f"{CLUSTER_SH} start printed no SLURM_CONF: {result.stdout!r}")
     return match.group(1)
 
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_mpich_leftovers():
+    """Remove the shared-memory segments MPICH leaves in /dev/shm when a test
+    kills an MPI job's ranks before they could clean up (scancel, a lost
+    node). Only segments that appeared during this session are removed, once
+    its jobs have ended."""
+    pattern = "/dev/shm/mpich_shm_*"
+    before = set(glob.glob(pattern))
+    yield
+    for path in set(glob.glob(pattern)) - before:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass

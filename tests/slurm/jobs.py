@@ -10,8 +10,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -107,19 +110,31 @@ def scontrol_fields(job_id: str, env: Mapping[str, str]) -> dict[str, str]:
     return fields
 
 
+def poll_job(job: Job, check: Callable[[], T | None], what: str, timeout: float,
+             interval: float = 0.25) -> T:
+    """Call ``check`` until it returns something other than ``None``, and
+    return that; after ``timeout``, cancel the job (so it cannot linger) and
+    fail, saying ``what`` was awaited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = check()
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            subprocess.run(["scancel", job.job_id], env=job.env, timeout=30, check=False)
+            raise AssertionError(f"{what} within {timeout:g} s; cancelled the job.\n{job.describe()}")
+        time.sleep(interval)
+
+
 def wait_for_job(job: Job, timeout: float = 120.0) -> Job:
     """Poll ``scontrol show job`` (no accounting here, so no sacct) until
     the job is in a final state; cancel it and fail after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def finished() -> Job | None:
         job.fields = scontrol_fields(job.job_id, job.env)
-        if job.state in FINAL_STATES:
-            return job
-        if time.monotonic() > deadline:
-            subprocess.run(["scancel", job.job_id], env=job.env, timeout=30, check=False)
-            raise AssertionError(f"job did not finish within {timeout:g} s; "
-                                 f"cancelled it.\n{job.describe()}")
-        time.sleep(0.25)
+        return job if job.state in FINAL_STATES else None
+
+    return poll_job(job, finished, "job did not finish", timeout)
 
 
 def wait_for_mpi_job(job: Job, timeout: float = 120.0, attempts: int = 3) -> Job:

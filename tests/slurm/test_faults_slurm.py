@@ -39,6 +39,7 @@ from tests.slurm.jobs import (
     Job,
     assert_clean_success,
     assert_no_processes_left,
+    poll_job,
     result_line,
     submit,
     wait_for_job,
@@ -238,16 +239,8 @@ def lines_starting(job: Job, prefix: str) -> list[list[str]]:
 
 def wait_for_line(job: Job, pattern: str, timeout: float) -> re.Match[str]:
     """Poll the job's output until a line matches ``pattern``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        match = re.search(pattern, job.text(), re.MULTILINE)
-        if match:
-            return match
-        if time.monotonic() > deadline:
-            subprocess.run(["scancel", job.job_id], env=job.env, timeout=30, check=False)
-            raise AssertionError(f"no line matching {pattern!r} within {timeout:g} s; "
-                                 f"cancelled the job.\n{job.describe()}")
-        time.sleep(0.2)
+    return poll_job(job, lambda: re.search(pattern, job.text(), re.MULTILINE),
+                    f"no line matching {pattern!r}", timeout, interval=0.2)
 
 
 def test_tls_refuses_strangers_and_a_lost_node_loses_no_result(

@@ -1,0 +1,88 @@
+"""How ``map`` sizes its chunks when the caller leaves ``chunksize`` alone.
+
+Pure logic: a ``ChunkSizer`` is driven by hand with the timings a cluster
+would report, and the sizes it asks for are checked against the promises in
+``sulis_executor._map``: one-item probes first, chunks sized from measured
+call times, every worker thread given a share, a tail that lets the threads
+finish together, and no chunk too small to pay for its round trip.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from sulis_executor._map import MIN_CHUNK_SECONDS, TARGET_CHUNK_SECONDS, ChunkSizer
+
+
+def plan(sizer: ChunkSizer, total: int) -> list[int]:
+    """The chunk sizes for the rest of ``total`` items, in order."""
+    sizes = []
+    while total > 0:
+        size = min(sizer.next_size(), total)
+        sizer.took(size)
+        total -= size
+        sizes.append(size)
+    return sizes
+
+
+def probed(total: int | None, threads: int, seconds_per_call: float) -> ChunkSizer:
+    """A sizer whose first probe came back, timed one call."""
+    sizer = ChunkSizer(None, lambda: threads, total)
+    assert sizer.next_size() == 1
+    sizer.took(1)
+    sizer.observe(1, seconds_per_call)
+    return sizer
+
+
+def test_an_explicit_chunksize_is_honoured_exactly() -> None:
+    sizer = ChunkSizer(7, lambda: 4, 100)
+    sizer.observe(7, 0.0001)
+    assert plan(sizer, 30) == [7, 7, 7, 7, 2]
+    assert sizer.may_submit(1000)
+
+
+def test_until_a_chunk_is_timed_only_one_item_probes_go_two_per_thread() -> None:
+    sizer = ChunkSizer(None, lambda: 4, 1000)
+    assert [sizer.next_size() for _ in range(3)] == [1, 1, 1]
+    assert sizer.may_submit(7) and not sizer.may_submit(8)
+
+
+def test_after_a_one_item_timing_only_what_the_cluster_takes_at_once_goes() -> None:
+    sizer = probed(1000, 4, 0.001)
+    assert not sizer.well_timed
+    assert sizer.may_submit(7) and not sizer.may_submit(8)
+    sizer.observe(50, 0.05)  # a chunk of several items: a trustworthy timing
+    assert sizer.well_timed and sizer.may_submit(1000)
+
+
+def test_tiny_calls_go_in_one_or_two_big_shares_per_thread_with_no_dribbling_tail() -> None:
+    sizer = probed(100_000, 2, 50e-9)
+    sizes = plan(sizer, 99_999)
+    assert sum(sizes) == 99_999
+    assert len(sizes) <= 4, sizes  # each chunk costs a round trip
+    assert min(sizes) >= 99_999 // 4, sizes
+
+
+def test_long_calls_fill_the_target_time_then_shrink_so_threads_finish_together() -> None:
+    threads = 8
+    sizer = probed(1000, threads, 0.05)
+    sizes = plan(sizer, 999)
+    assert max(sizes) == int(TARGET_CHUNK_SECONDS / 0.05)
+    assert sizes[-threads + 1:] == [1] * (threads - 1)  # the last round: one call each
+    assert sizes == sorted(sizes, reverse=True)
+
+
+def test_the_tail_never_shrinks_below_a_round_trip_of_work_per_thread() -> None:
+    per_call = 1e-5
+    sizer = probed(10_000, 4, per_call)
+    sizer.observe(1000, 1000 * per_call)  # timed properly
+    sizes = plan(sizer, 9_999)
+    floor = int(MIN_CHUNK_SECONDS / per_call) // 4
+    assert all(size >= floor for size in sizes[:-1]), sizes
+
+
+@pytest.mark.parametrize("per_call", [1e-7, 1e-3, 2.0])
+def test_unknown_length_input_is_sized_by_time_alone(per_call: float) -> None:
+    sizer = probed(None, 4, per_call)
+    expected = max(1, min(int(TARGET_CHUNK_SECONDS / per_call), 200_000))
+    assert [sizer.next_size() for _ in range(3)] == [expected] * 3
