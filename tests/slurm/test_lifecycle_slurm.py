@@ -11,6 +11,9 @@ Scripts are written to ``tmp_path``; both jobs run at the same time.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -18,6 +21,7 @@ import pytest
 
 from tests.slurm.jobs import (
     JOB_SHAPE,
+    REPO,
     Job,
     assert_clean_success,
     assert_no_processes_left,
@@ -122,3 +126,18 @@ def test_mpi_worker_ranks_exit_when_rank0_dies(submitted: dict[str, Job]) -> Non
     assert job.state == "FAILED" and job.exit_code != "0:0", job.describe()
     assert "exiting without MPI_Finalize" in text, job.describe()
     assert "Traceback" not in text, job.describe()
+
+
+@pytest.mark.timeout(600)
+def test_srun_startup_benchmark_runs_on_the_test_cluster(slurm_conf: str, tmp_path: Path) -> None:
+    """``python -m benchmarks.srun_startup`` end to end, once (a smoke test:
+    nothing about speed is asserted)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SULIS_EXECUTOR_"))}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.srun_startup", "--repeats", "1", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=550,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    table = (tmp_path / "srun_startup.md").read_text()
+    assert "all 6 workers registered" in table and "step launch" in table
