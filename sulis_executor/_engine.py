@@ -594,12 +594,16 @@ class Engine:
             self._settle(batch, error)
         for call in queued:
             self._set(call, error, error=True)
+        self._cancel_on_cluster(batches, "the work of a broken executor")
+
+    def _cancel_on_cluster(self, batches: list[Batch], what: str) -> None:
+        """Cancel the batches' Dask tasks, if the scheduler is there to hear it."""
         dask_futures = [b.dask_future for b in batches if b.dask_future is not None]
         if dask_futures and not self._scheduler_lost():
             try:
                 self.client.cancel(dask_futures)
             except Exception:
-                logger.debug("could not cancel the work of a broken executor", exc_info=True)
+                logger.debug("could not cancel %s", what, exc_info=True)
 
     def abandon_chunks(self, futures: list[Future[Any]]) -> None:
         """Nobody will read these map chunks (the results iterator was closed,
@@ -629,12 +633,7 @@ class Engine:
 
     def _withdraw(self, batches: list[list[Batch]]) -> None:
         handed = [batch for group in batches for batch in group]
-        dask_futures = [b.dask_future for b in handed if b.dask_future is not None]
-        if dask_futures and not self._scheduler_lost():
-            try:
-                self.client.cancel(dask_futures)
-            except Exception:
-                logger.debug("could not withdraw abandoned map chunks", exc_info=True)
+        self._cancel_on_cluster(handed, "abandoned map chunks")
         for batch in handed:
             self._shared.done(batch.shared_keys)
 

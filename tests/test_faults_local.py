@@ -80,6 +80,19 @@ with SulisDaskExecutor(max_workers=2) as ex:
 """
 
 
+def _start_script(tmp_path: Path, source: str) -> subprocess.Popen[str]:
+    """Run ``source`` as a script of its own (in its own session, so the test
+    can signal its whole process group), with this repository importable."""
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(source))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
+    return subprocess.Popen(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )
+
+
 def _wait_for_ready(proc: subprocess.Popen[str], deadline: float) -> dict[str, object]:
     assert proc.stdout is not None
     seen = []
@@ -117,14 +130,7 @@ def test_ctrl_c_in_a_map_leaves_no_worker_behind(tmp_path: Path, target: str) ->
     """``group``: what a terminal's Ctrl-C does (SIGINT to every process of the
     foreground group, workers included); ``main``: only the script's process
     gets it (``kill -INT <pid>``)."""
-    script = tmp_path / "ctrl_c.py"
-    script.write_text(textwrap.dedent(CTRL_C_SCRIPT))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
-    proc = subprocess.Popen(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-    )
+    proc = _start_script(tmp_path, CTRL_C_SCRIPT)
     try:
         ready = _wait_for_ready(proc, time.monotonic() + 60)
         workers = list(ready["workers"])  # type: ignore[call-overload]
@@ -184,14 +190,7 @@ time.sleep(120)
 def test_a_killed_client_leaves_no_workers_and_no_private_files_behind(tmp_path: Path) -> None:
     """SIGKILL gives the client no chance to clean up: its workers, which die
     with it, remove its credentials and shared-buffer files on the way out."""
-    script = tmp_path / "killed.py"
-    script.write_text(textwrap.dedent(KILLED_CLIENT_SCRIPT))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
-    proc = subprocess.Popen(
-        [sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
-    )
+    proc = _start_script(tmp_path, KILLED_CLIENT_SCRIPT)
     try:
         ready = _wait_for_ready(proc, time.monotonic() + 60)
         private = [Path(p) for p in ready["private"]]  # type: ignore[attr-defined]
