@@ -52,6 +52,16 @@ logger = logging.getLogger("sulis_executor")
 _STOP = object()
 
 
+def _in_event_loop() -> bool:
+    import asyncio
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 class _Withdraw:
     """A note to the collector: cancel these batches' tasks on the cluster."""
 
@@ -626,10 +636,16 @@ class Engine:
             return
         for batch in handed:
             self._settle(batch, CancelledError())
-        # The collector tells the cluster: this may run in any thread, even
-        # Dask's event loop (a dropped iterator is collected wherever), where
-        # the client's blocking calls cannot be made.
-        self._done.put(_Withdraw(handed))
+        if _in_event_loop():
+            # A dropped iterator is collected in whatever thread, even Dask's
+            # event loop, where the client's blocking calls cannot be made:
+            # the collector tells the cluster instead, a moment later.
+            self._done.put(_Withdraw(handed))
+        else:
+            # Before returning, so that once close() returns nothing
+            # abandoned starts, however soon workers free up.
+            self._withdraw([handed])
+            self._pump()
 
     def _withdraw(self, batches: list[list[Batch]]) -> None:
         handed = [batch for group in batches for batch in group]
