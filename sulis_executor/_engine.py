@@ -63,12 +63,26 @@ def _in_event_loop() -> bool:
 
 
 class _Withdraw:
-    """A note to the collector: cancel these batches' tasks on the cluster."""
+    """A note to the collector: withdraw these map chunks from the cluster."""
 
-    __slots__ = ("batches",)
+    __slots__ = ("futures",)
 
-    def __init__(self, batches: list[Batch]) -> None:
-        self.batches = batches
+    def __init__(self, futures: list[Future[Any]]) -> None:
+        self.futures = futures
+
+
+#: Scheduler task states in which no worker has been given the task.
+_UNSTARTED = ("released", "waiting", "queued", "no-worker")
+
+
+def unstarted_tasks(keys: list[str], dask_scheduler: Any = None) -> tuple[list[str], list[str]]:
+    """Run on the scheduler (``Client.run_on_scheduler``): of these tasks,
+    those it holds that no worker has been given yet, and those it has not
+    heard of yet (their graph is still on its way)."""
+    tasks = dask_scheduler.tasks
+    held = [key for key in keys if key in tasks and tasks[key].state in _UNSTARTED]
+    unheard = [key for key in keys if key not in tasks]
+    return held, unheard
 
 #: Payloads above this size are scattered to the cluster rather than embedded
 #: in the task graph: the scheduler then never holds them, and Dask does not
@@ -80,6 +94,10 @@ SCATTER_THRESHOLD = 1_000_000
 #: work stays spread over the workers.
 TARGET_BATCH_SECONDS = 0.02
 MAX_BATCH_CALLS = 4096
+
+#: How long withdrawing abandoned map chunks waits for the scheduler to have
+#: heard of the newest ones.
+WITHDRAW_TIMEOUT = 2.0
 
 #: How often an idle collector checks that the scheduler is still there.
 SCHEDULER_CHECK_INTERVAL = 0.5
@@ -415,7 +433,7 @@ class Engine:
                 except queue.Empty:
                     break
             stop = any(item is _STOP for item in items)
-            withdraw = [item.batches for item in items if isinstance(item, _Withdraw)]
+            withdraw = [item.futures for item in items if isinstance(item, _Withdraw)]
             try:
                 self._collect([item for item in items if item is not _STOP and not isinstance(item, _Withdraw)])
                 if withdraw:
@@ -618,40 +636,55 @@ class Engine:
     def abandon_chunks(self, futures: list[Future[Any]]) -> None:
         """Nobody will read these map chunks (the results iterator was closed,
         dropped, timed out or failed): cancel those still queued here, and
-        withdraw from the cluster those handed to it, so any a worker has not
-        started never run. One a worker is running finishes there, as a
-        running call does in ``ProcessPoolExecutor``, and its result is
-        dropped.
+        withdraw from the cluster those handed to it that no worker has
+        started, so they never run. One a worker is running finishes there,
+        as a running call does in ``ProcessPoolExecutor`` (and
+        ``shutdown(wait=True)`` waits for it); its result is dropped.
         """
         # Not under _lock: cancelling runs done callbacks, which take it.
-        running = [future for future in futures if not future.cancel()]
-        handed: list[Batch] = []
-        with self._lock:
-            for future in running:
-                for batch_id, batch in list(self._in_flight.items()):
-                    if batch.kind == _remote.CHUNK and batch.calls[0].future is future:
-                        handed.append(self._in_flight.pop(batch_id))
-                        break
+        handed = [future for future in futures if not future.cancel()]
         if not handed:
             return
-        for batch in handed:
-            self._settle(batch, CancelledError())
         if _in_event_loop():
             # A dropped iterator is collected in whatever thread, even Dask's
             # event loop, where the client's blocking calls cannot be made:
-            # the collector tells the cluster instead, a moment later.
+            # the collector asks the scheduler instead, a moment later.
             self._done.put(_Withdraw(handed))
         else:
             # Before returning, so that once close() returns nothing
             # abandoned starts, however soon workers free up.
             self._withdraw([handed])
-            self._pump()
 
-    def _withdraw(self, batches: list[list[Batch]]) -> None:
-        handed = [batch for group in batches for batch in group]
-        self._cancel_on_cluster(handed, "abandoned map chunks")
-        for batch in handed:
+    def _withdraw(self, groups: list[list[Future[Any]]]) -> None:
+        futures = {id(future) for group in groups for future in group}
+        with self._lock:
+            keys = [batch_id for batch_id, batch in self._in_flight.items()
+                    if batch.kind == _remote.CHUNK and id(batch.calls[0].future) in futures]
+        if not keys or self._scheduler_lost():
+            return
+        # A task whose graph is still on its way cannot be cancelled yet (nor
+        # released: the scheduler takes a graph in asynchronously), so ask
+        # again until the scheduler has heard of every one, briefly.
+        held: list[str] = []
+        deadline = time.monotonic() + WITHDRAW_TIMEOUT
+        try:
+            while True:
+                known, unheard = self.client.run_on_scheduler(unstarted_tasks, keys)
+                held += known
+                keys = unheard
+                if not keys or time.monotonic() > deadline:
+                    break
+                time.sleep(0.005)
+        except Exception:  # e.g. a scheduler that cannot import us: let them run
+            logger.debug("could not ask the scheduler which chunks have started", exc_info=True)
+        with self._lock:
+            withdrawn = [self._in_flight.pop(key) for key in held if key in self._in_flight]
+        for batch in withdrawn:
+            self._settle(batch, CancelledError())
             self._shared.done(batch.shared_keys)
+        # Cancelled on the scheduler by the time cancel() returns.
+        self._cancel_on_cluster(withdrawn, "abandoned map chunks")
+        self._pump()  # their places on the cluster are free
 
     def unfinished_futures(self) -> list[Future[Any]]:
         with self._lock:
