@@ -33,7 +33,7 @@ from ._engine import rebuild_exception
 #: Adaptive chunks aim to take about this long on a worker (joblib aims at
 #: 0.2-2 s). Each chunk costs a scheduler round trip during which its worker
 #: idles (about 4 ms here): 200 x 50 ms sleeps on 8 workers measured 0.85
-#: efficiency at 0.05 s, 0.92 at 0.2 s and 0.95 at 0.5 s. Near the end of
+#: efficiency at 0.05 s, 0.92 at 0.2 s and 0.92-0.95 at 0.5 s. Near the end of
 #: known-length input, chunks shrink, but not below the minimum per thread:
 #: smaller ones cost more in round trips than they win in balance.
 TARGET_CHUNK_SECONDS = 0.5
