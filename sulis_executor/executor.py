@@ -335,9 +335,9 @@ class SulisDaskExecutor(Executor):
             return engine.submit_chunk(fn, chunk, first, star)
 
         fixed = None if chunksize is AUTO_CHUNKSIZE else chunksize
-        sizer = ChunkSizer(fixed, lambda: engine.threads, items_hint(iterables))
-        window = buffersize if buffersize is not None else WINDOW_PER_THREAD * engine.threads
         total = items_hint(iterables)
+        sizer = ChunkSizer(fixed, lambda: engine.threads, total)
+        window = buffersize if buffersize is not None else WINDOW_PER_THREAD * engine.threads
         results = ordered_results(fn, iterables, sizer, window, submit_chunk, end_time, engine.abandon_chunks)
         if progress:
             from ._progress import progress as show_progress

@@ -33,14 +33,14 @@ from ..config import ExecutorOptions
 STREAM_INTERVAL = 0.001
 
 
-def _fast_worker_streams() -> Any:
+def _fast_streams() -> Any:
     from distributed.diagnostics.plugin import SchedulerPlugin
 
-    class FastWorkerStreams(SchedulerPlugin):
+    class FastStreams(SchedulerPlugin):
         """Shorten the batching interval of each worker's and client's
         stream as it joins."""
 
-        name = "sulis-executor-fast-worker-streams"
+        name = "sulis-executor-fast-streams"
 
         def add_worker(self, scheduler: Any, worker: str) -> None:
             stream = scheduler.stream_comms.get(worker)
@@ -57,7 +57,7 @@ def _fast_worker_streams() -> Any:
             if stream is not None:
                 stream.interval = STREAM_INTERVAL
 
-    return FastWorkerStreams()
+    return FastStreams()
 
 
 def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -> Any:
@@ -76,7 +76,7 @@ def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -
     else:
         dashboard = None
         scheduler_kwargs = {"dashboard_address": f"{http_host}:0"}
-    scheduler_kwargs["plugins"] = [_fast_worker_streams()]
+    scheduler_kwargs["plugins"] = [_fast_streams()]
     with dask.config.set({
         "distributed.scheduler.worker-saturation": 1.0,
         # The active memory manager drops "extra" replicas every 2 s, which
