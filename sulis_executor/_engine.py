@@ -62,6 +62,16 @@ def _in_event_loop() -> bool:
     return True
 
 
+class _Pushed:
+    """A result a worker pushed (see ``_remote.send_back``), for the collector."""
+
+    __slots__ = ("key", "payload")
+
+    def __init__(self, key: str, payload: bytes) -> None:
+        self.key = key
+        self.payload = payload
+
+
 class _Withdraw:
     """A note to the collector: withdraw these map chunks from the cluster."""
 
@@ -215,7 +225,8 @@ class Engine:
     """Queues calls, sends them to a Dask cluster in batches, settles futures."""
 
     def __init__(self, client: Any, launcher: Any, token: str, has_initializer: bool,
-                 direct_to_workers: bool = False, shared_directory: str | None = None) -> None:
+                 direct_to_workers: bool = False, shared_directory: str | None = None,
+                 results_pushed: bool = False) -> None:
         self.client = client
         self.launcher = launcher
         self.token = token
@@ -246,6 +257,11 @@ class Engine:
         stream = getattr(client, "scheduler_comm", None)
         if stream is not None and getattr(stream, "interval", 0) > 0.001:
             stream.interval = 0.001
+        # Results pushed by the workers, when the scheduler forwards them.
+        handlers = getattr(client, "_stream_handlers", None)
+        self._push = results_pushed and isinstance(handlers, dict)
+        if isinstance(handlers, dict) and self._push:
+            handlers[_remote.RESULT_OP] = self._on_pushed
         self._collector = threading.Thread(
             target=self._collect_loop, name=f"sulis-executor-results-{token[:8]}", daemon=True
         )
@@ -398,9 +414,10 @@ class Engine:
         try:
             if len(payload) > SCATTER_THRESHOLD:
                 payload = self.client.scatter(payload, hash=False, direct=self._direct)
+            reply_to = (self.client.id, batch.batch_id) if self._push else None
             dask_future = submit_queued(
                 self.client, batch.batch_id, _remote.run_batch, kind, payload, self.token,
-                self.has_initializer, *shared_futures,
+                self.has_initializer, reply_to, *shared_futures,
             )
         except BaseException as error:
             with self._lock:
@@ -434,8 +451,13 @@ class Engine:
                     break
             stop = any(item is _STOP for item in items)
             withdraw = [item.futures for item in items if isinstance(item, _Withdraw)]
+            pushed = [item for item in items if isinstance(item, _Pushed)]
             try:
-                self._collect([item for item in items if item is not _STOP and not isinstance(item, _Withdraw)])
+                # Pushed results first: each arrives before its task's end.
+                for item in pushed:
+                    self._deliver_pushed(item)
+                self._collect([item for item in items
+                               if item is not _STOP and not isinstance(item, (_Withdraw, _Pushed))])
                 if withdraw:
                     self._withdraw(withdraw)
             except Exception:  # never let the collector die: futures would hang
@@ -443,6 +465,22 @@ class Engine:
             if stop:
                 return
             self._pump()
+
+    def _on_pushed(self, key: str, payload: bytes, **_: Any) -> None:
+        """A worker pushed a result (called on the client's event loop)."""
+        self._done.put(_Pushed(key, payload))
+
+    def _deliver_pushed(self, pushed: _Pushed) -> None:
+        with self._lock:
+            batch = self._in_flight.pop(pushed.key, None)
+        if batch is None:
+            return  # settled already: withdrawn, or the executor is broken
+        # The task is done with: release it now, so that Dask neither keeps
+        # the result nor, should the worker die, runs the calls again.
+        if batch.dask_future is not None:
+            batch.dask_future.release()
+        self._deliver(batch, pushed.payload)
+        self._shared.done(batch.shared_keys)
 
     def _scheduler_lost(self) -> bool:
         # Dask's client moves to "connecting" the moment its connection to the
@@ -467,8 +505,10 @@ class Engine:
         with self._lock:
             for dask_future in dask_futures:
                 batch = self._in_flight.pop(dask_future.key, None)
-                if batch is not None:  # None: cancelled or settled already
+                if batch is not None:  # None: cancelled, pushed, or settled already
                     pairs.append((dask_future, batch))
+                else:
+                    dask_future.release()
         # A result lost with its worker is recomputed by Dask: keep waiting.
         lost = [(f, b) for f, b in pairs if f.status in ("lost", "pending")]
         finished = [(f, b) for f, b in pairs if f.status == "finished"]

@@ -29,6 +29,13 @@ ERROR = 1
 # (BROKEN, message, traceback text) is then the only outcome.
 BROKEN = 2
 
+#: The stream message that carries a batch's result from its worker, through
+#: the scheduler, to the client that submitted it (see ``send_back``).
+RESULT_OP = "sulis-executor-result"
+#: Results up to this size are pushed that way; larger ones wait for the
+#: client to fetch them, as Dask's results do.
+PUSH_LIMIT = 1_000_000
+
 # Batch kinds: independent calls (each gets an outcome), or one function
 # mapped over a chunk of argument tuples (stops at the first error, as the
 # results iterator of ``map`` stops there too).
@@ -115,13 +122,50 @@ def _unpicklable(message: str) -> BaseException:
     return UnpicklableError(message)
 
 
-def run_batch(kind: str, payload: bytes, token: str, has_initializer: bool, *shared: Any) -> bytes:
+def send_back(reply_to: tuple[str, str] | None, result: bytes) -> bytes:
+    """Push a small result to the client on the worker's stream to the
+    scheduler, which forwards it on its stream to the client; return it too.
+
+    Dask only tells the client that a result is ready, and the client then
+    asks the scheduler to fetch it from the worker: two more round trips, and
+    the first fetch from each worker opens a connection (a TLS handshake).
+    Pushed, a result arrives with the messages already flowing. The returned
+    copy is Dask's ordinary result, which the client fetches if the push
+    never arrives.
+    """
+    if reply_to is None or len(result) > PUSH_LIMIT:
+        return result
+    from distributed import get_worker
+
+    client, key = reply_to
+    worker = get_worker()
+    message = {"op": RESULT_OP, "client": client, "key": key, "payload": result}
+
+    def send() -> None:  # on the worker's event loop, which owns the stream
+        try:
+            worker.batched_stream.send(message)
+        except Exception:  # the scheduler is gone: nobody to tell
+            pass
+
+    worker.loop.add_callback(send)
+    return result
+
+
+def run_batch(kind: str, payload: bytes, token: str, has_initializer: bool,
+              reply_to: tuple[str, str] | None, *shared: Any) -> bytes:
     """Run one batch of calls on a worker; return ``pickle((outcomes, seconds))``.
 
     ``seconds`` is the time spent in the calls, which the client uses to size
-    later batches. ``shared`` are the payload's large out-of-band buffers in
-    order (see ``_shared``), fetched by Dask as the task's dependencies.
+    later batches. ``reply_to`` is ``(client id, task key)`` when the
+    scheduler forwards pushed results (see ``send_back``). ``shared`` are
+    the payload's large out-of-band buffers in order (see ``_shared``),
+    fetched by Dask as the task's dependencies.
     """
+    return send_back(reply_to, _run_batch(kind, payload, token, has_initializer, shared))
+
+
+def _run_batch(kind: str, payload: bytes, token: str, has_initializer: bool,
+               shared: tuple[Any, ...]) -> bytes:
     if has_initializer:
         from distributed import get_worker
 

@@ -26,6 +26,7 @@ from ._quiet import silence_dask_logs
 from .config import ExecutorOptions, resolve_options
 from .errors import BrokenSulisExecutor, ClusterStartupTimeout
 from .launchers import choose_launch_mode, make_launcher
+from .launchers._scheduler import forwards_results
 from .launchers.base import Cluster
 
 __all__ = ["SulisDaskExecutor"]
@@ -208,7 +209,8 @@ class SulisDaskExecutor(Executor):
             if cluster.min_workers:
                 self._wait_for_workers(client, cluster, deadline)
             engine = Engine(client, self._launcher, token, initializer is not None,
-                            cluster.workers_reachable, cluster.shared_directory)
+                            cluster.workers_reachable, cluster.shared_directory,
+                            forwards_results(client, cluster.target))
         except BaseException:
             client.close()
             self._launcher.close(timeout=10)

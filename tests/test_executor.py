@@ -187,6 +187,56 @@ def test_a_long_submit_loop_keeps_the_scheduler_task_count_bounded(shared_execut
     wait_until(lambda: scheduler_task_count(shared_executor) == 0, what="the cluster to drain")
 
 
+# -- how results travel ------------------------------------------------------
+
+
+def count_fetches(ex: SulisDaskExecutor, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record each time ``ex`` fetches finished results from the cluster,
+    Dask's way, instead of receiving them pushed by the workers."""
+    fetches: list[int] = []
+    engine = ex._engine
+    fetch = engine._gather
+
+    def counting_fetch(dask_futures):
+        fetches.append(len(dask_futures))
+        return fetch(dask_futures)
+
+    monkeypatch.setattr(engine, "_gather", counting_fetch)
+    return fetches
+
+
+def test_small_results_are_pushed_by_the_workers_not_fetched(shared_executor, monkeypatch):
+    fetches = count_fetches(shared_executor, monkeypatch)
+    assert shared_executor.submit(tasks.square, 7).result(timeout=30) == 49
+    assert list(shared_executor.map(tasks.square, range(300))) == [i * i for i in range(300)]
+    futures = [shared_executor.submit(tasks.square, i) for i in range(300)]
+    assert [f.result(timeout=30) for f in futures] == [i * i for i in range(300)]
+    assert fetches == []
+
+
+def test_a_result_too_large_to_push_is_fetched(shared_executor, monkeypatch):
+    fetches = count_fetches(shared_executor, monkeypatch)
+    assert shared_executor.submit(bytes, 3_000_000).result(timeout=30) == bytes(3_000_000)
+    assert fetches == [1]
+
+
+def test_a_scheduler_that_cannot_forward_results_gets_them_fetched(separate_cluster, monkeypatch):
+    _, scheduler_file = separate_cluster
+    with SulisDaskExecutor(scheduler_file=str(scheduler_file), wait_for_workers=1, timeout=30) as ex:
+        fetches = count_fetches(ex, monkeypatch)
+        assert list(ex.map(tasks.square, range(20))) == [i * i for i in range(20)]
+        assert sum(fetches) >= 1
+
+
+def test_workers_run_no_profiler_unless_the_dashboard_is_on(shared_executor):
+    def profiling(dask_worker):
+        return "profile" in dask_worker.periodic_callbacks
+
+    assert set(shared_executor.client.run(profiling).values()) == {False}
+    with SulisDaskExecutor(1, dashboard=True) as ex:
+        assert set(ex.client.run(profiling).values()) == {True}
+
+
 # -- introspection and the joblib route --------------------------------------
 
 

@@ -39,4 +39,6 @@ def worker_flags(options: ExecutorOptions, allocation: SlurmAllocation | None) -
         flags += ["--local-directory", options.local_directory]
     if options.verbose:
         flags.append("--verbose")
+    if options.dashboard:
+        flags.append("--profile")  # feeds the dashboard's Profile page
     return flags

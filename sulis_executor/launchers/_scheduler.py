@@ -14,6 +14,9 @@ mpi), so they agree on the details that matter:
   a task handed to a worker, or a result announced to the client, waits out
   that interval, and executor calls are latency-bound.
   (The workers we start answer at 1 ms too; see ``sulis_executor.worker``.)
+* Results that tasks push on their worker's stream are forwarded to the
+  client's stream, saving the client two round trips to fetch each one
+  (see ``_remote.send_back``).
 * TLS when a ``Security`` is given, random ports only, and the HTTP
   endpoint (``/health``, and the dashboard when asked for) bound to the
   scheduler's own host, never to Dask's shared port 8787.
@@ -33,14 +36,32 @@ from ..config import ExecutorOptions
 STREAM_INTERVAL = 0.001
 
 
-def _fast_streams() -> Any:
+def _executor_streams() -> Any:
     from distributed.diagnostics.plugin import SchedulerPlugin
 
-    class FastStreams(SchedulerPlugin):
-        """Shorten the batching interval of each worker's and client's
-        stream as it joins."""
+    from .._remote import RESULT_OP
 
-        name = "sulis-executor-fast-streams"
+    class ExecutorStreams(SchedulerPlugin):
+        """Shorten the batching interval of each worker's and client's
+        stream as it joins, and forward the results that tasks push to the
+        clients that submitted them (see ``_remote.send_back``)."""
+
+        name = "sulis-executor-streams"
+
+        async def start(self, scheduler: Any) -> None:
+            scheduler.stream_handlers[RESULT_OP] = self._forward_result(scheduler)
+
+        @staticmethod
+        def _forward_result(scheduler: Any) -> Any:
+            def forward(client: str, key: str, payload: bytes, **_: Any) -> None:
+                stream = scheduler.client_comms.get(client)
+                if stream is not None:  # else the client fetches it, if it is still there
+                    try:
+                        stream.send({"op": RESULT_OP, "key": key, "payload": payload})
+                    except Exception:
+                        pass
+
+            return forward
 
         def add_worker(self, scheduler: Any, worker: str) -> None:
             stream = scheduler.stream_comms.get(worker)
@@ -57,7 +78,27 @@ def _fast_streams() -> Any:
             if stream is not None:
                 stream.interval = STREAM_INTERVAL
 
-    return FastStreams()
+    return ExecutorStreams()
+
+
+def forwards_results(client: Any, target: Any) -> bool:
+    """Whether the scheduler forwards the results that tasks push: one that
+    an executor started (``target`` is the launcher's ``Cluster.target``).
+    A scheduler in this process is looked at; another is asked, and one
+    that cannot answer (it cannot import this package) does not forward."""
+    scheduler = getattr(target, "scheduler", None)
+    if scheduler is not None and hasattr(scheduler, "stream_handlers"):
+        return _has_result_forwarding(scheduler)
+    try:
+        return bool(client.run_on_scheduler(_has_result_forwarding))
+    except Exception:
+        return False
+
+
+def _has_result_forwarding(dask_scheduler: Any = None) -> bool:
+    from .._remote import RESULT_OP
+
+    return RESULT_OP in getattr(dask_scheduler, "stream_handlers", {})
 
 
 def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -> Any:
@@ -76,8 +117,12 @@ def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -
     else:
         dashboard = None
         scheduler_kwargs = {"dashboard_address": f"{http_host}:0"}
-    scheduler_kwargs["plugins"] = [_fast_streams()]
+    scheduler_kwargs["plugins"] = [_executor_streams()]
+    # The event loop's stall check only feeds a log warning (see
+    # sulis_executor.worker.quiet_worker_config).
+    quiet = {} if options.verbose else {"distributed.admin.tick.interval": "1s"}
     with dask.config.set({
+        **quiet,
         "distributed.scheduler.worker-saturation": 1.0,
         # The active memory manager drops "extra" replicas every 2 s, which
         # would make workers fetch a shared input (see _shared) again and
