@@ -94,11 +94,6 @@ def unstarted_tasks(keys: list[str], dask_scheduler: Any = None) -> tuple[list[s
     unheard = [key for key in keys if key not in tasks]
     return held, unheard
 
-#: Payloads above this size are scattered to the cluster rather than embedded
-#: in the task graph: the scheduler then never holds them, and Dask does not
-#: warn about "large graphs". (Embedding 8 MB payloads measured 4x slower.)
-SCATTER_THRESHOLD = 1_000_000
-
 #: Batches of submitted calls aim to take about this long on a worker, which
 #: amortises Dask's per-task cost while keeping batches short enough that
 #: work stays spread over the workers.
@@ -248,7 +243,6 @@ class Engine:
         self._capacity_checked = 0.0
         # Scatter straight to the workers when this process can reach them
         # (when the executor started them), not through the scheduler.
-        self._direct = direct_to_workers
         self._shared = SharedBuffers(client, direct_to_workers, shared_directory)
         self._refresh_capacity()
         # Dask's client batches its messages to the scheduler every 10 ms,
@@ -412,8 +406,6 @@ class Engine:
         with self._lock:
             self._in_flight[batch.batch_id] = batch
         try:
-            if len(payload) > SCATTER_THRESHOLD:
-                payload = self.client.scatter(payload, hash=False, direct=self._direct)
             reply_to = (self.client.id, batch.batch_id) if self._push else None
             dask_future = submit_queued(
                 self.client, batch.batch_id, _remote.run_batch, kind, payload, self.token,

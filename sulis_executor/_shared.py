@@ -9,8 +9,10 @@ callback rather than copying it into the pickle. The buffer is scattered to
 the cluster once, under a key derived from its content, and given to the
 batch's task as a Dask dependency, so each worker fetches it once and keeps
 it while it is in use. ``bytes`` objects are not out-of-band buffers in
-pickle, so they are not shared this way; a large payload of them is
-scattered as a whole instead (see the engine).
+pickle, so they stay in the payload; a payload that is still large (large
+``bytes``, or many small objects) is shared the same way as a whole rather
+than embedded in the task graph, which measured 4x slower for 8 MB and makes
+Dask warn about large graphs.
 
 Why a buffer callback and not a pickler hook that looks at every object: the
 hook is a Python call per object, which made pickling a chunk of 20,000 small
@@ -131,12 +133,13 @@ class SharedBuffers:
         self._users: collections.Counter[str] = collections.Counter()
         self._idle_since: dict[str, float] = {}
 
-    def dumps(self, parts: list[Any]) -> tuple[bytes, list[str], list[Any]]:
+    def dumps(self, parts: list[Any]) -> tuple[Any, list[str], list[Any]]:
         """Pickle the ``parts`` of a batch about to be sent (its calls, or
-        one map chunk); return the payload, the distinct shared keys it refers
-        to, and the Dask futures of its out-of-band buffers in pickling order
-        (to pass to the task as dependencies). Call :meth:`done` with the keys
-        when the batch is settled.
+        one map chunk); return the payload (``bytes``, or the handle of a
+        shared one when it is large), the distinct shared keys the batch
+        refers to, and the handles of its out-of-band buffers in pickling
+        order (Dask futures or files, to pass to the task). Call :meth:`done`
+        with the keys when the batch is settled.
 
         Each part is pickled on its own, as ``ProcessPoolExecutor`` pickles
         each call: an object given to two calls in one batch must arrive as
@@ -166,10 +169,13 @@ class SharedBuffers:
             pickled.append(file.getvalue())
             counts.append(len(large) - before)
         payload = pickle.dumps((pickled, counts), protocol=5)
-        if not large:
+        large_payload = len(payload) >= SHARE_THRESHOLD
+        if not large and not large_payload:
             return payload, [], []
         from dask.hashing import hash_buffer_hex
 
+        if large_payload:
+            large.insert(0, memoryview(payload))
         order = [f"sulis-shared-{raw.nbytes}-{hash_buffer_hex(raw)}" for raw in large]
         keys = list(dict.fromkeys(order))
         with self._lock:
@@ -184,7 +190,10 @@ class SharedBuffers:
             self._users.update(keys)
             for key in keys:
                 self._idle_since.pop(key, None)
-            return payload, keys, [self._handles[k] for k in order]
+            handles = [self._handles[k] for k in order]
+        if large_payload:
+            return handles[0], keys, handles[1:]
+        return payload, keys, handles
 
     def _store(self, buffers: dict[str, memoryview]) -> dict[str, Any]:
         """Put buffers where the workers can get them: files if we can (a
@@ -242,10 +251,13 @@ class SharedBuffers:
         self._drop(handles)
 
 
-def loads(payload: bytes, shared: tuple[Any, ...]) -> list[Any]:
-    """Unpickle a batch's parts on a worker. ``shared`` are its out-of-band
-    buffers in order; each part gets its own copy of those it uses, so a
-    call owns (and may change) its arguments."""
+def loads(payload: Any, shared: tuple[Any, ...]) -> list[Any]:
+    """Unpickle a batch's parts on a worker. ``payload`` is the pickle, or
+    the file it was shared through; ``shared`` are its out-of-band buffers
+    in order; each part gets its own copy of those it uses, so a call owns
+    (and may change) its arguments."""
+    if isinstance(payload, SharedFile):
+        payload = payload.read()
     pickled, counts = pickle.loads(payload)
     parts = []
     position = 0

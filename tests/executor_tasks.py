@@ -93,9 +93,11 @@ def change_in_place_and_sum(array, _: object = None) -> float:
 
 def sum_when_released(array, release: str, deadline: float = 30.0) -> float:
     """Hold on to the array until the file ``release`` exists; return its sum."""
-    end = time.monotonic() + deadline
-    while not os.path.exists(release):
-        if time.monotonic() > end:
-            raise TimeoutError(f"{release} never appeared")
-        time.sleep(0.01)
+    wait_for_file(release, deadline)
     return float(array.sum())
+
+
+def size_when_released(data: bytes, release: str, deadline: float = 30.0) -> int:
+    """Hold on to ``data`` until the file ``release`` exists; return its size."""
+    wait_for_file(release, deadline)
+    return len(data)

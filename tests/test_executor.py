@@ -454,6 +454,24 @@ def test_local_cluster_sends_a_large_array_once_as_a_private_file_then_removes_i
     wait_until(lambda: not _shared_files(host_executor), what="the shared file to be removed")
 
 
+def test_local_cluster_sends_a_large_bytes_argument_as_a_private_file_too(host_executor, tmp_path):
+    data = os.urandom(3_000_000)  # bytes stay in the pickle: the whole batch is shared
+    release = tmp_path / "release"
+    future = host_executor.submit(tasks.size_when_released, data, str(release))
+    wait_until(lambda: _shared_files(host_executor), what="the batch to be shared")
+    files = _shared_files(host_executor)
+    assert len(files) == 1 and files[0].stat().st_size > len(data)
+    release.touch()
+    assert future.result(timeout=60) == len(data)
+    wait_until(lambda: not _shared_files(host_executor), what="the shared file to be removed")
+
+
+def test_a_large_bytes_argument_arrives_whole_through_dask(shared_executor):
+    data = os.urandom(3_000_000)
+    futures = [shared_executor.submit(tasks.size_when_released, data, os.devnull) for _ in range(5)]
+    assert [f.result(timeout=60) for f in futures] == [len(data)] * 5
+
+
 def test_local_cluster_calls_get_their_own_copy_of_a_shared_array(host_executor):
     import numpy
 
