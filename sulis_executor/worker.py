@@ -1,11 +1,14 @@
 """Worker process entry point: ``python -m sulis_executor.worker SCHEDULER``.
 
-The local and ``srun`` launch modes start workers with this command rather
-than through :mod:`multiprocessing`. A spawned multiprocessing child
+The ``srun`` launch mode starts workers with this command rather than
+through :mod:`multiprocessing`, and so does the local mode where it has no
+fork server (which runs :func:`main` in workers it forks; see
+:mod:`sulis_executor._forkserver`). A spawned multiprocessing child
 re-imports the user's ``__main__``, so a plain script without an
 ``if __name__ == "__main__":`` guard, which works with ``ProcessPoolExecutor``
 on Linux, would start clusters recursively. A fresh interpreter running this
-module never touches the user's script.
+module (or a fork of the fork server, itself one) never touches the user's
+script.
 
 ``--name`` may be a template expanded from this task's environment, so one
 command line started by ``srun`` over many tasks gives each worker its own
@@ -15,13 +18,19 @@ name: ``{procid}`` (``SLURM_PROCID``, else the MPI rank from ``PMI_RANK`` /
 
 The process ends when the scheduler goes away or it is told to close, and, on
 Linux, when its parent dies (``PR_SET_PDEATHSIG``), so that a killed client
-never leaves workers behind on a shared node.
+never leaves workers behind on a shared node. A worker's parent is the client,
+or, in local mode on Linux, the client's fork server
+(:mod:`sulis_executor._forkserver`), which runs :func:`main` in each child it
+forks; such a worker also knows the client, to tell the fork server's death
+(exit: the client starts a new worker) from the client's (exit, and remove the
+client's private files first, as the fork server does).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import socket
@@ -30,7 +39,7 @@ from collections.abc import Mapping
 from typing import Any
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(signum: int = signal.SIGTERM) -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
@@ -38,9 +47,50 @@ def _die_with_parent() -> None:
 
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+        libc.prctl(pr_set_pdeathsig, signum)
     except Exception:  # best effort: the scheduler's death also ends us
         pass
+
+
+#: A process as ``(pid, start time)``: unlike a pid alone, never another
+#: process's after the first one exits.
+ProcessIdentity = tuple[int, str]
+
+
+def process_start_time(pid: int) -> str | None:
+    """``pid``'s start time (in clock ticks since boot, from ``/proc``), or
+    ``None`` if no such process is running (a zombie has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # The command name, in parentheses, may hold spaces: split after it.
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    state, start = fields[0], fields[19]  # fields 3 and 22 of proc(5)
+    return None if state in "ZXx" else start
+
+
+@dataclasses.dataclass(frozen=True)
+class Parentage:
+    """Who started this worker, to tell when they are gone.
+
+    ``parent`` is our parent's pid at start (after ``PR_SET_PDEATHSIG``, so
+    its death cannot be missed). ``client`` is the client's identity when the
+    parent is not the client but its fork server; without it the parent is
+    the client.
+    """
+
+    parent: int
+    client: ProcessIdentity | None = None
+
+    def parent_gone(self) -> bool:
+        return bool(self.parent) and os.getppid() != self.parent
+
+    def client_gone(self) -> bool:
+        if self.client is None:
+            return self.parent_gone()
+        pid, start = self.client
+        return process_start_time(pid) != start
 
 
 def _first(environ: Mapping[str, str], *names: str) -> str | None:
@@ -165,7 +215,7 @@ def _read_greeting(args: argparse.Namespace) -> bool:
     return True
 
 
-async def _run(args: argparse.Namespace, security: Any = None, parent: int = 0) -> None:
+async def _run(args: argparse.Namespace, security: Any, parentage: Parentage) -> None:
     import dask.config
     from distributed import Worker
     from distributed.utils import get_ip_interface
@@ -198,23 +248,25 @@ async def _run(args: argparse.Namespace, security: Any = None, parent: int = 0) 
     worker.batched_stream.interval = STREAM_INTERVAL
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, _on_signal, worker, args, parent)
+        loop.add_signal_handler(signum, _on_signal, worker, args, parentage)
     await worker
     await worker.finished()
 
 
 def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
-         security: object = None) -> int:
+         security: object = None, client: ProcessIdentity | None = None) -> int:
     """Run one worker until the scheduler closes or a signal; return the exit status.
 
     ``die_with_parent=False`` is for a worker run inside a process that has
-    other duties (an MPI rank), whose parent is the MPI launcher anyway.
+    other duties (an MPI rank), whose parent is the MPI launcher anyway, and
+    for a forked worker, which has set it already (see ``_forkserver``).
     ``security`` (a ``distributed.Security``) is for such in-process callers,
-    which received the credentials by other means than a file.
+    which received the credentials by other means than a file. ``client`` is
+    the client's identity when our parent is its fork server.
     """
     if die_with_parent:
         _die_with_parent()
-    parent = os.getppid()
+    parentage = Parentage(os.getppid(), client)
     args = _parse(argv)
     try:
         args.name = expand_name(args.name, os.environ)
@@ -249,7 +301,7 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
     # Workers never print tracebacks of their own on the way out: a closed
     # scheduler is the normal way for them to end.
     try:
-        asyncio.run(_run(args, security, parent))
+        asyncio.run(_run(args, security, parentage))
     except (KeyboardInterrupt, asyncio.CancelledError):
         pass
     except Exception as error:
@@ -261,26 +313,28 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
               file=sys.stderr, flush=True)
         return 1
     finally:
-        _clean_up_if_orphaned(args, parent)
+        _clean_up_if_orphaned(args, parentage)
     return 0
 
 
-def _on_signal(worker: Any, args: argparse.Namespace, parent: int) -> None:
+def _on_signal(worker: Any, args: argparse.Namespace, parentage: Parentage) -> None:
     """SIGTERM or SIGINT: close, letting a running task finish, as a Dask
-    worker does; but if our parent, the client, is gone (the signal is the
-    parent-death signal), nobody will take the result, and the task may run
-    for hours: remove the client's files and exit now."""
-    if parent and os.getppid() != parent:
-        _clean_up_if_orphaned(args, parent)
+    worker does; but if our parent is gone (the signal is the parent-death
+    signal), exit now: if the parent was the client, nobody will take the
+    result, and the task may run for hours; if it was the fork server, the
+    client counts us as dead and starts another worker in our place. If the
+    client is gone, remove its files first."""
+    if parentage.parent_gone():
+        _clean_up_if_orphaned(args, parentage)
         os._exit(0)
     asyncio.ensure_future(worker.close(reason="signal", nanny=False))
 
 
-def _clean_up_if_orphaned(args: argparse.Namespace, parent: int) -> None:
-    """The client that started us died (our parent changed) without removing
-    its private files (credentials, shared buffers): remove them for it."""
+def _clean_up_if_orphaned(args: argparse.Namespace, parentage: Parentage) -> None:
+    """The client that started us died without removing its private files
+    (credentials, shared buffers): remove them for it."""
     paths = getattr(args, "remove_when_orphaned", None)
-    if paths and os.getppid() != parent:
+    if paths and parentage.client_gone():
         import shutil
 
         for path in paths:
