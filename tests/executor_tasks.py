@@ -101,3 +101,10 @@ def size_when_released(data: bytes, release: str, deadline: float = 30.0) -> int
     """Hold on to ``data`` until the file ``release`` exists; return its size."""
     wait_for_file(release, deadline)
     return len(data)
+
+
+def numpy_global_random() -> float:
+    """A draw from numpy's global generator, which a fork would duplicate."""
+    import numpy
+
+    return float(numpy.random.random())

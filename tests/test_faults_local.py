@@ -195,10 +195,13 @@ def test_a_killed_client_leaves_no_workers_and_no_private_files_behind(tmp_path:
         ready = _wait_for_ready(proc, time.monotonic() + 60)
         private = [Path(p) for p in ready["private"]]  # type: ignore[attr-defined]
         assert all(p.is_dir() for p in private) and any(private[0].iterdir()), private
+        # The workers, and whatever else the client started (its fork server).
+        started = set(ready["workers"]) | {  # type: ignore[call-overload]
+            c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        left = _gone(list(ready["workers"]), timeout=30)  # type: ignore[call-overload]
-        assert not left, f"workers outlived their killed client: {left}"
+        left = _gone(sorted(started), timeout=30)
+        assert not left, f"processes outlived their killed client: {left}"
         assert not [p for p in private if p.exists()], "private files left behind"
     finally:
         if proc.poll() is None:

@@ -1,15 +1,22 @@
-"""Worker processes started as commands, and kept alive until closed.
+"""Worker processes on this machine, kept alive until closed.
 
-Shared by the launchers that start workers themselves. Each slot runs one
-command; when its process dies while the cluster is open (killed, or
-crashed by a task), a fresh one takes its place, as a Dask nanny would. A
-slot that keeps dying straight after start is given up, so a worker that
-cannot start does not spin forever.
+Each slot runs one worker, ``python -m sulis_executor.worker ARGS``; when
+its process dies while the cluster is open (killed, or crashed by a task),
+a fresh one takes its place, as a Dask nanny would. A slot that keeps dying
+straight after start is given up, so a worker that cannot start does not
+spin forever.
+
+On Linux, workers are forked from a fork server (:mod:`._forked`), which
+imports Dask once for them all: importing it is most of a worker's start-up
+time, and on a laptop's few cores the workers' imports would share them.
+Where there is no fork server (not Linux), or it fails or dies, workers are
+started as fresh interpreters instead.
 
 Workers may start before the scheduler exists: a worker started with ``-``
-for its scheduler imports Dask (most of its start-up time) and then reads
-the scheduler's address from its standard input, which :meth:`greet`
-writes to every worker once the scheduler is up.
+for its scheduler imports Dask (or is forked with it imported) and then
+reads the scheduler's address from its standard input, which :meth:`greet`
+writes to every worker once the scheduler is up (for forked workers, the
+fork server does).
 """
 
 from __future__ import annotations
@@ -23,7 +30,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
+
+from ._forked import ForkServer, fork_server_supported
 
 logger = logging.getLogger("sulis_executor")
 
@@ -37,21 +46,39 @@ QUICK_DEATH = 5.0
 STARTUP_FAILURE_CODES = (1, 2)
 
 
-def worker_command(scheduler: str, name: str, extra: Sequence[str] = ()) -> list[str]:
-    return [sys.executable, "-m", "sulis_executor.worker", scheduler, "--name", name, *extra]
+def worker_args(scheduler: str, name: str, extra: Sequence[str] = ()) -> list[str]:
+    """Arguments of ``python -m sulis_executor.worker``."""
+    return [scheduler, "--name", name, *extra]
+
+
+class WorkerProcess(Protocol):
+    """What :class:`WorkerProcesses` uses of a worker process: ``Popen``'s
+    interface, which forked workers' handles have too."""
+
+    pid: int
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
 
 
 class WorkerProcesses:
-    """Run ``command_for(slot, generation)`` in each slot, restarting on death."""
+    """Run a worker with ``args_for(slot, generation)`` in each slot,
+    restarting it on death; fork them if ``fork`` and this system can."""
 
-    def __init__(self, slots: int, command_for: Callable[[int, int], list[str]],
-                 env: dict[str, str] | None = None) -> None:
-        self._command_for = command_for
+    def __init__(self, slots: int, args_for: Callable[[int, int], list[str]],
+                 env: dict[str, str] | None = None, fork: bool = True) -> None:
+        self._args_for = args_for
         self._env = env
+        self._server = ForkServer(env) if fork and fork_server_supported() else None
         self._greeting: bytes | None = None
         self._lock = threading.Lock()
         self._closing = False
-        self._procs: list[subprocess.Popen[bytes] | None] = [None] * slots
+        self._procs: list[WorkerProcess | None] = [None] * slots
         self._threads = [
             threading.Thread(target=self._supervise, args=(slot,), daemon=True,
                              name=f"sulis-executor-worker-{slot}")
@@ -59,6 +86,8 @@ class WorkerProcesses:
         ]
 
     def start(self) -> None:
+        if self._server is not None:
+            self._server.start()
         for thread in self._threads:
             thread.start()
 
@@ -66,19 +95,30 @@ class WorkerProcesses:
         with self._lock:
             return [p.pid for p in self._procs if p is not None and p.poll() is None]
 
-    def _spawn(self, slot: int, generation: int) -> subprocess.Popen[bytes] | None:
+    def _spawn(self, slot: int, generation: int) -> WorkerProcess | None:
+        args = self._args_for(slot, generation)
         with self._lock:
             if self._closing:
                 return None
-            # Output is inherited: what tasks print is the user's output, as
-            # with ProcessPoolExecutor. Dask's logs are silenced in the worker.
-            # Standard input carries the greeting, then ends.
-            proc = subprocess.Popen(
-                self._command_for(slot, generation), stdin=subprocess.PIPE, env=self._env
-            )
+        # Not under the lock: the first forks wait for the server's import.
+        proc: WorkerProcess | None = self._server.fork(args) if self._server is not None else None
+        with self._lock:
+            if self._closing:
+                if proc is not None:
+                    proc.kill()  # or the closing fork server does
+                return None
+            if proc is None:
+                # Output is inherited: what tasks print is the user's output,
+                # as with ProcessPoolExecutor. Dask's logs are silenced in the
+                # worker. Standard input carries the greeting, then ends.
+                popen = subprocess.Popen(
+                    [sys.executable, "-m", "sulis_executor.worker", *args],
+                    stdin=subprocess.PIPE, env=self._env,
+                )
+                if self._greeting is not None:
+                    self._send_greeting(popen)
+                proc = popen
             self._procs[slot] = proc
-            if self._greeting is not None:
-                self._send_greeting(proc)
             return proc
 
     def greet(self, settings: dict[str, Any]) -> None:
@@ -86,8 +126,10 @@ class WorkerProcesses:
         standard input: the scheduler address and the like, as JSON."""
         with self._lock:
             self._greeting = json.dumps(settings).encode() + b"\n"
+            if self._server is not None:
+                self._server.greet(self._greeting)
             for proc in self._procs:
-                if proc is not None:
+                if isinstance(proc, subprocess.Popen):
                     self._send_greeting(proc)
 
     def _send_greeting(self, proc: subprocess.Popen[bytes]) -> None:
@@ -125,7 +167,8 @@ class WorkerProcesses:
             self._closing = True
             procs = [p for p in self._procs if p is not None]
             for proc in procs:
-                if proc.stdin is not None and not proc.stdin.closed:
+                if isinstance(proc, subprocess.Popen) and proc.stdin is not None \
+                        and not proc.stdin.closed:
                     # A worker still waiting for its greeting reads the end
                     # of its input and exits.
                     try:
@@ -145,6 +188,8 @@ class WorkerProcesses:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self._server is not None:
+            self._server.close(timeout=max(1.0, deadline - time.monotonic()))
         for thread in self._threads:
             if thread.is_alive() and thread is not threading.current_thread():
                 thread.join(1.0)

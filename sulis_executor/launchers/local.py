@@ -2,8 +2,10 @@
 
 This is what runs on a laptop, and wherever no SLURM allocation is found.
 The scheduler runs in this process; workers are single-threaded processes,
-like ``ProcessPoolExecutor``'s, started as fresh interpreters (see
-:mod:`sulis_executor.worker` for why) and restarted if they die.
+like ``ProcessPoolExecutor``'s, restarted if they die. On Linux they are
+forked from a fork server, which imports Dask once for them all (see
+:mod:`sulis_executor._forkserver` for why, and why not from this process);
+elsewhere each is a fresh interpreter (see :mod:`sulis_executor.worker`).
 Everything binds to loopback unless an interface is named: a local cluster
 has no business listening on the network.
 """
@@ -17,7 +19,7 @@ from .._security import CredentialsFile, credentials_of
 from .._shared import SharedDirectory
 from ..config import ExecutorOptions
 from ._network import validate_interface
-from ._processes import WorkerProcesses, pythonpath_env, worker_command
+from ._processes import WorkerProcesses, pythonpath_env, worker_args
 from ._resources import worker_flags
 from ._scheduler import start_scheduler
 from .base import Cluster, Launcher
@@ -47,14 +49,15 @@ class LocalLauncher(Launcher):
         options = self._options
         if options.interface:
             validate_interface(options.interface)
-        # Workers first: starting an interpreter and importing Dask is most
-        # of the start-up time, so they do it while the scheduler starts,
-        # then read its address from their standard input.
+        # Workers first: starting an interpreter and importing Dask (the
+        # fork server's, or each worker's) is most of the start-up time, so
+        # it happens while the scheduler starts; workers then read its
+        # address from their standard input.
         # An interface is in the shared flags; without one, bind to loopback.
         extra = worker_flags(options, None) + ([] if options.interface else ["--host", "127.0.0.1"])
         self._workers = WorkerProcesses(
             self.n_workers,
-            lambda slot, generation: worker_command("-", f"local-{slot}-{generation}", extra),
+            lambda slot, generation: worker_args("-", f"local-{slot}-{generation}", extra),
             env=pythonpath_env(),
         )
         self._workers.start()
