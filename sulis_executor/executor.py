@@ -23,6 +23,7 @@ from ._map import (
     ordered_results,
 )
 from ._quiet import silence_dask_logs
+from ._security import DeferredSecurity
 from .config import ExecutorOptions, resolve_options
 from .errors import BrokenSulisExecutor, ClusterStartupTimeout
 from .launchers import choose_launch_mode, make_launcher
@@ -169,7 +170,7 @@ class SulisDaskExecutor(Executor):
         self._teardown_thread: threading.Thread | None = None
         self._mode, reason = choose_launch_mode(self._options, os.environ)
         logger.info("launch mode %r: %s", self._mode, reason)
-        self._launcher = make_launcher(self._mode, self._options, job_security(self._mode, self._options))
+        self._launcher = make_launcher(self._mode, self._options, self._job_security())
         self._engine = self._start(initializer, tuple(initargs))
         self._finalizer = weakref.finalize(self, _shutdown_engine, self._engine)
         # An executor still open at exit is closed by an atexit hook of its
@@ -177,6 +178,12 @@ class SulisDaskExecutor(Executor):
         # so ours runs while Dask's event loops still run, and the workers'
         # exit signals find a live loop instead of a closed wakeup fd.
         atexit.register(self._finalizer)
+
+    def _job_security(self) -> Any:
+        if self._mode == "local":
+            # Made once the workers are on their way (see DeferredSecurity).
+            return DeferredSecurity(lambda: job_security(self._mode, self._options))
+        return job_security(self._mode, self._options)
 
     def _start(self, initializer: Callable[..., object] | None, initargs: tuple[Any, ...]) -> Engine:
         from distributed import Client

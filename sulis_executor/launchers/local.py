@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .._security import CredentialsFile, credentials_of
+from .._security import CredentialsFile, credentials_of, resolve_security
 from .._shared import SharedDirectory
 from ..config import ExecutorOptions
 from ._network import validate_interface
@@ -61,6 +61,8 @@ class LocalLauncher(Launcher):
             env=pythonpath_env(),
         )
         self._workers.start()
+        # The credentials, made while the workers start (see DeferredSecurity).
+        self._security = resolve_security(self._security)
         # Loopback unless an interface is named: a local cluster has no
         # business listening on the network.
         cluster = start_scheduler(options, self._security, None if options.interface else "127.0.0.1")
