@@ -197,22 +197,48 @@ def unpicklable_error(call: Call, error: Exception) -> UnpicklableError:
     return failure
 
 
-def submit_queued(client: Any, key: str, func: Any, *args: Any) -> Any:
-    """Submit ``func(*args)`` as a task the scheduler holds in its queue until
-    a worker thread is free, as ``ProcessPoolExecutor``'s workers take calls.
+def submit_queued(client: Any, func: Any, tasks: list[tuple[str, tuple[Any, ...]]]) -> list[Any]:
+    """Submit ``func(*args)`` for each ``(key, args)``, as tasks the scheduler
+    holds in its queue until a worker thread is free, as
+    ``ProcessPoolExecutor``'s workers take calls; first in, first out.
 
     Dask queues only "root-ish" tasks: groups larger than twice the cluster's
     threads, which our few batches in flight never are. Without queuing, a
     task goes to a worker at once, possibly behind a long call while another
     worker idles, until work stealing moves it a second or more later.
-    Marking the task a data producer makes the scheduler queue it.
+    Marking the tasks data producers makes the scheduler queue them.
+
+    The tasks go in one graph, as ``Client.submit`` sends one task: with its
+    order given (Dask would otherwise order a graph's tasks its own way, in
+    a helper thread), each graph newer than the last (``fifo_timeout=0``),
+    and no hashing of the payloads to name the graph. One graph update
+    instead of one per task took 8 tasks to their workers in 9-11 ms instead
+    of 13-18 ms.
     """
     try:
+        from dask._expr import LLGExpr
         from dask._task_spec import Task
-    except ImportError:  # an older dask: no queuing, only a little less balance
+        from distributed.spans import SpanMetadata
+    except ImportError:
+        return [_submit_queued_one(client, func, key, args) for key, args in tasks]
+    graph = {key: Task(key, func, *args, _data_producer=True) for key, args in tasks}
+    futures = client._graph_to_futures(
+        LLGExpr(graph, _determ_token=uuid.uuid4().hex),
+        list(graph),
+        internal_priority={key: order for order, key in enumerate(graph)},
+        fifo_timeout=0,
+        span_metadata=SpanMetadata(collections=[{"type": "Future"}]),
+    )
+    return [futures[key] for key in graph]
+
+
+def _submit_queued_one(client: Any, func: Any, key: str, args: tuple[Any, ...]) -> Any:
+    """One task per graph, for a Dask without the expression graphs above."""
+    try:
+        from dask._task_spec import Task
+    except ImportError:  # an older dask still: no queuing, only a little less balance
         return client.submit(func, *args, key=key, pure=False)
-    task = Task(key, func, *args, _data_producer=True)
-    (future,) = client.get({key: task}, [key], sync=False)
+    (future,) = client.get({key: Task(key, func, *args, _data_producer=True)}, [key], sync=False)
     return future
 
 
@@ -264,24 +290,29 @@ class Engine:
     # -- accepting work ----------------------------------------------------
 
     def submit_call(self, fn: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Future[Any]:
-        return self._enqueue(Call(_remote.CALLS, (fn, args, kwargs)))
-
-    def submit_chunk(self, fn: Any, chunk: list[Any], first_index: int, star: bool) -> Future[Any]:
-        """Run ``fn`` over ``chunk`` (``fn(*item)`` if ``star``) as one task.
-
-        The result is ``((values, error), seconds)``: see ``_remote.run_batch``.
-        """
-        return self._enqueue(Call(_remote.CHUNK, (fn, chunk, star), first_index))
-
-    def _enqueue(self, call: Call) -> Future[Any]:
-        def on_done(_: Future[Any], call: Call = call) -> None:
-            self._on_call_done(call)
-
-        call.future.add_done_callback(on_done)
-        with self._lock:
-            self._queue.append(call)
-        self._pump()
+        call = Call(_remote.CALLS, (fn, args, kwargs))
+        self._enqueue([call])
         return call.future
+
+    def submit_chunks(self, fn: Any, chunks: list[tuple[list[Any], int]], star: bool) -> list[Future[Any]]:
+        """Run ``fn`` over each ``(chunk, index of its first item)``
+        (``fn(*item)`` if ``star``), each chunk as one task; they are sent
+        together. Each result is ``((values, error), seconds)``: see
+        ``_remote.run_batch``."""
+        calls = [Call(_remote.CHUNK, (fn, chunk, star), first) for chunk, first in chunks]
+        self._enqueue(calls)
+        return [call.future for call in calls]
+
+    def _enqueue(self, calls: list[Call]) -> None:
+        """Queue calls and send what the cluster has room for."""
+        for call in calls:
+            def on_done(_: Future[Any], call: Call = call) -> None:
+                self._on_call_done(call)
+
+            call.future.add_done_callback(on_done)
+        with self._lock:
+            self._queue.extend(calls)
+        self._pump()
 
     def _on_call_done(self, call: Call) -> None:
         # A call cancelled while queued: tell the waiters (wait, as_completed)
@@ -364,11 +395,17 @@ class Engine:
                 with self._lock:
                     if self.broken is not None or self._closed:
                         return
-                    if len(self._in_flight) >= self._capacity or not self._queue:
+                    room = self._capacity - len(self._in_flight)
+                    if room <= 0 or not self._queue:
                         return
-                    calls = self._take_batch_locked()
-                if calls:
-                    self._send(calls)
+                    # What there is room for goes as one graph (see submit_queued).
+                    batches: list[list[Call]] = []
+                    while self._queue and len(batches) < room:
+                        calls = self._take_batch_locked()
+                        if calls:
+                            batches.append(calls)
+                if batches:
+                    self._send(batches)
         finally:
             self._send_lock.release()
         # Work may have been queued while we held the send lock and returned.
@@ -377,7 +414,44 @@ class Engine:
         if more and not self._closed:
             self._pump()
 
-    def _send(self, calls: list[Call]) -> None:
+    def _send(self, groups: list[list[Call]]) -> None:
+        """Send each group of calls as one batch (one task), all in one graph."""
+        prepared = [p for p in (self._prepare(calls) for calls in groups) if p is not None]
+        if not prepared:
+            return
+        with self._lock:
+            for batch, _ in prepared:
+                self._in_flight[batch.batch_id] = batch
+        tasks = []
+        for batch, (payload, shared) in prepared:
+            reply_to = (self.client.id, batch.batch_id) if self._push else None
+            tasks.append((batch.batch_id, (batch.kind, payload, self.token, self.has_initializer,
+                                           reply_to, *shared)))
+        try:
+            dask_futures = submit_queued(self.client, _remote.run_batch, tasks)
+        except BaseException as error:
+            with self._lock:
+                for batch, _ in prepared:
+                    self._in_flight.pop(batch.batch_id, None)
+            for batch, _ in prepared:
+                self._shared.done(batch.shared_keys)
+                if not isinstance(error, Exception):
+                    # KeyboardInterrupt/SystemExit in the submitting thread:
+                    # these calls never reached the cluster; fail them, so
+                    # shutdown does not wait for them for ever.
+                    self._settle(batch, CancelledError())
+                else:
+                    self._settle(batch, BrokenSulisExecutor(f"could not submit work to the cluster: {error}"))
+            if not isinstance(error, Exception):
+                raise
+            return
+        for (batch, _), dask_future in zip(prepared, dask_futures):
+            batch.dask_future = dask_future
+            dask_future.add_done_callback(self._done.put)
+
+    def _prepare(self, calls: list[Call]) -> tuple[Batch, tuple[Any, list[Any]]] | None:
+        """A batch of these calls and its pickled payload; ``None`` if none
+        of them could be pickled (those calls are failed)."""
         kind = calls[0].kind
         name = function_name(calls[0].body[0])
         batch = Batch(f"{name}-{next(self._counter)}-{uuid.uuid4().hex[:12]}", kind, calls, name)
@@ -397,34 +471,12 @@ class Engine:
                 # failed, not pickling. Fail the batch rather than retry.
                 for call in calls:
                     self._set(call, BrokenSulisExecutor(f"could not send work to the cluster: {failure}"), error=True)
-            elif good:
-                self._send(good)
-            return
+                return None
+            return self._prepare(good) if good else None
         batch.shared_keys = shared_keys
         for call in calls:
             call.batch = batch
-        with self._lock:
-            self._in_flight[batch.batch_id] = batch
-        try:
-            reply_to = (self.client.id, batch.batch_id) if self._push else None
-            dask_future = submit_queued(
-                self.client, batch.batch_id, _remote.run_batch, kind, payload, self.token,
-                self.has_initializer, reply_to, *shared_futures,
-            )
-        except BaseException as error:
-            with self._lock:
-                self._in_flight.pop(batch.batch_id, None)
-            self._shared.done(shared_keys)
-            if not isinstance(error, Exception):
-                # KeyboardInterrupt/SystemExit in the submitting thread: these
-                # calls never reached the cluster; fail them, so shutdown does
-                # not wait for them for ever, and let the interrupt go on.
-                self._settle(batch, CancelledError())
-                raise
-            self._settle(batch, BrokenSulisExecutor(f"could not submit work to the cluster: {error}"))
-            return
-        batch.dask_future = dask_future
-        dask_future.add_done_callback(self._done.put)
+        return batch, (payload, shared_futures)
 
     # -- results -----------------------------------------------------------
 

@@ -140,13 +140,15 @@ def ordered_results(
     iterables: tuple[Iterable[Any], ...],
     sizer: ChunkSizer,
     window: int,
-    submit_chunk: Callable[[Callable[..., Any], list[Any], int, bool], Future[Any]],
+    submit_chunks: Callable[[Callable[..., Any], list[tuple[list[Any], int]], bool], list[Future[Any]]],
     end_time: float | None,
     abandon: Callable[[list[Future[Any]]], None],
 ) -> Iterator[Any]:
     """Submit the first ``window`` chunks now; return the results iterator.
-    ``abandon`` is given the chunks nobody will read, when the iterator ends
-    early."""
+    ``submit_chunks(fn, [(chunk, index of its first item), ...], star)``
+    submits chunks together (the engine sends them to the cluster as one
+    graph). ``abandon`` is given the chunks nobody will read, when the
+    iterator ends early."""
     # One iterable: send bare items, which pickle faster than 1-tuples.
     star = len(iterables) != 1
     items = zip(*iterables) if star else iter(iterables[0])
@@ -155,20 +157,21 @@ def ordered_results(
     # Chunks done and timed before their turn to be yielded (while probing).
     timed: set[Future[Any]] = set()
 
-    def submit_next() -> bool:
-        if not sizer.may_submit(len(pending) - len(timed)):
-            return False
-        chunk = list(itertools.islice(items, sizer.next_size()))
-        if not chunk:
-            return False
-        sizer.took(len(chunk))
-        pending.append(submit_chunk(fn, chunk, position[0], star))
-        position[0] += len(chunk)
-        return True
+    def refill() -> None:
+        """Submit chunks while the window and the sizer allow."""
+        chunks: list[tuple[list[Any], int]] = []
+        while len(pending) + len(chunks) < window and sizer.may_submit(len(pending) + len(chunks) - len(timed)):
+            chunk = list(itertools.islice(items, sizer.next_size()))
+            if not chunk:
+                break
+            sizer.took(len(chunk))
+            chunks.append((chunk, position[0]))
+            position[0] += len(chunk)
+        if chunks:
+            pending.extend(submit_chunks(fn, chunks, star))
 
-    while len(pending) < window and submit_next():
-        pass
-    return _results(pending, timed, submit_next, sizer, window, end_time, abandon)
+    refill()
+    return _results(pending, timed, refill, sizer, end_time, abandon)
 
 
 def _observe(sizer: ChunkSizer, future: Future[Any]) -> None:
@@ -182,16 +185,11 @@ def _observe(sizer: ChunkSizer, future: Future[Any]) -> None:
 def _results(
     pending: collections.deque[Future[Any]],
     timed: set[Future[Any]],
-    submit_next: Callable[[], bool],
+    refill: Callable[[], None],
     sizer: ChunkSizer,
-    window: int,
     end_time: float | None,
     abandon: Callable[[list[Future[Any]]], None],
 ) -> Iterator[Any]:
-    def refill() -> None:
-        while len(pending) < window and submit_next():
-            pass
-
     try:
         while pending:
             future = pending[0]

@@ -335,19 +335,20 @@ class SulisDaskExecutor(Executor):
         engine = self._engine
         self_ref = weakref.ref(self)  # the results iterator must not keep us alive
 
-        def submit_chunk(fn: Callable[..., Any], chunk: list[Any], first: int, star: bool) -> Future[Any]:
+        def submit_chunks(fn: Callable[..., Any], chunks: list[tuple[list[Any], int]],
+                          star: bool) -> list[Future[Any]]:
             executor = self_ref()
             if executor is None or executor._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             with executor._shutdown_lock:
                 executor._check_usable()
-            return engine.submit_chunk(fn, chunk, first, star)
+            return engine.submit_chunks(fn, chunks, star)
 
         fixed = None if chunksize is AUTO_CHUNKSIZE else chunksize
         total = items_hint(iterables)
         sizer = ChunkSizer(fixed, lambda: engine.threads, total)
         window = buffersize if buffersize is not None else WINDOW_PER_THREAD * engine.threads
-        results = ordered_results(fn, iterables, sizer, window, submit_chunk, end_time, engine.abandon_chunks)
+        results = ordered_results(fn, iterables, sizer, window, submit_chunks, end_time, engine.abandon_chunks)
         if progress:
             from ._progress import progress as show_progress
 

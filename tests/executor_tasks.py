@@ -35,6 +35,11 @@ def append_line(path: str, text: str) -> None:
         f.write(text + "\n")
 
 
+def append_line_then_sleep(path: str, text: str, delay: float) -> None:
+    append_line(path, text)
+    time.sleep(delay)
+
+
 def square(x: int) -> int:
     return x * x
 

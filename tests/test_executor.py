@@ -165,6 +165,32 @@ def test_a_map_survives_a_worker_killed_in_the_middle():
         assert seen == list(range(150))
 
 
+# -- order ---------------------------------------------------------------------
+
+
+def test_calls_start_in_the_order_they_were_submitted(shared_executor, tmp_path):
+    # The executor sends what the cluster has room for as one graph; Dask
+    # would order a graph's tasks its own way unless told. Two workers may
+    # swap two neighbours that start at the same moment, nothing more.
+    log = tmp_path / "starts"
+    futures = [shared_executor.submit(tasks.append_line_then_sleep, str(log), str(i), 0.02)
+               for i in range(40)]
+    concurrent.futures.wait(futures, timeout=60)
+    starts = [int(line) for line in log.read_text().split()]
+    assert sorted(starts) == list(range(40))
+    assert max(abs(position - index) for position, index in enumerate(starts)) <= 1, starts
+
+
+def test_map_chunks_start_in_input_order(shared_executor, tmp_path):
+    import functools
+
+    log = tmp_path / "starts"
+    record = functools.partial(tasks.append_line_then_sleep, str(log), delay=0.02)
+    list(shared_executor.map(record, [str(i) for i in range(40)], chunksize=1))
+    starts = [int(line) for line in log.read_text().split()]
+    assert max(abs(position - index) for position, index in enumerate(starts)) <= 1, starts
+
+
 # -- memory stays bounded ----------------------------------------------------
 
 
