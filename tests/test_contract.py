@@ -36,6 +36,7 @@ import pytest
 
 from sulis_executor import RemoteTraceback, SulisDaskExecutor, UnpicklableError
 from tests import contract_helpers as h
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -43,14 +44,6 @@ MB = 1_000_000
 
 
 # -- fixtures and helpers ----------------------------------------------------
-
-
-def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.005)
 
 
 class Gate:

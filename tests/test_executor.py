@@ -19,7 +19,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -33,18 +32,11 @@ from sulis_executor import (
     WorkerDiedError,
 )
 from tests import executor_tasks as tasks
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def scheduler_task_count(ex: SulisDaskExecutor) -> int:

@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from sulis_executor import SulisDaskExecutor
+from tests.waiting import alive_after
 
 REPO = Path(__file__).resolve().parents[1]
 DUMPS = REPO / "tests" / "data" / "slurm_env"
@@ -108,22 +109,6 @@ def _wait_for_ready(proc: subprocess.Popen[str], deadline: float) -> dict[str, o
     raise AssertionError(f"the script never got ready; its output: {''.join(seen)}")
 
 
-def _gone(pids: list[int], timeout: float) -> list[int]:
-    """The pids among ``pids`` still alive (not zombies) after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = []
-        for pid in pids:
-            try:
-                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                    alive.append(pid)
-            except psutil.NoSuchProcess:
-                pass
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.1)
-
-
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("target", ["group", "main"])
 def test_ctrl_c_in_a_map_leaves_no_worker_behind(tmp_path: Path, target: str) -> None:
@@ -154,7 +139,7 @@ def test_ctrl_c_in_a_map_leaves_no_worker_behind(tmp_path: Path, target: str) ->
         elapsed = time.monotonic() - started
         assert proc.returncode != 0, stderr
         assert "KeyboardInterrupt" in stderr, stderr
-        left = _gone(sorted(set(workers) | set(children)), timeout=5)
+        left = alive_after(sorted(set(workers) | set(children)), timeout=5)
         assert not left, (f"processes left {elapsed:.1f} s after Ctrl-C: "
                           f"{[psutil.Process(p).cmdline() for p in left]}")
         assert elapsed < 20, f"exit took {elapsed:.1f} s after Ctrl-C"
@@ -200,7 +185,7 @@ def test_a_killed_client_leaves_no_workers_and_no_private_files_behind(tmp_path:
             c.pid for c in psutil.Process(proc.pid).children(recursive=True)}
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-        left = _gone(sorted(started), timeout=30)
+        left = alive_after(sorted(started), timeout=30)
         assert not left, f"processes outlived their killed client: {left}"
         assert not [p for p in private if p.exists()], "private files left behind"
     finally:

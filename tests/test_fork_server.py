@@ -19,8 +19,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -31,16 +29,9 @@ from sulis_executor.launchers import _processes
 from sulis_executor.launchers._processes import MAX_QUICK_DEATHS, WorkerProcesses
 from sulis_executor.worker import process_start_time
 from tests import executor_tasks as tasks
+from tests.waiting import alive, wait_until
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def wait_until(predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
 
 
 def worker_pids(ex: SulisDaskExecutor) -> set[int]:
@@ -61,16 +52,6 @@ def no_process_left():
     assert not left, f"processes left behind: {[psutil.Process(p).cmdline() for p in left]}"
 
 
-def alive(pids: set[int]) -> set[int]:
-    """The pids among ``pids`` of processes still running (zombies are not)."""
-    running = set()
-    for pid in pids:
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                running.add(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return running
 
 
 def test_workers_are_forked_from_one_fork_server_started_by_the_client() -> None:
