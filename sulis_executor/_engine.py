@@ -279,9 +279,10 @@ class Engine:
             stream.interval = 0.001
         # Results pushed by the workers, when the scheduler forwards them.
         handlers = getattr(client, "_stream_handlers", None)
-        self._push = results_pushed and isinstance(handlers, dict)
-        if isinstance(handlers, dict) and self._push:
+        self._push = False
+        if results_pushed and isinstance(handlers, dict):
             handlers[_remote.RESULT_OP] = self._on_pushed
+            self._push = True
         self._collector = threading.Thread(
             target=self._collect_loop, name=f"sulis-executor-results-{token[:8]}", daemon=True
         )

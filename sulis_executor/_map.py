@@ -78,15 +78,14 @@ class ChunkSizer:
     def may_submit(self, in_flight: int) -> bool:
         """Whether another chunk may go now, with ``in_flight`` not yet done.
 
-        Until a chunk has been timed, only one probe per worker thread goes:
-        more one-item chunks would queue ahead of the sized chunks that the
+        Until a chunk of several items has been timed, at most two chunks
+        per worker thread are out: first one-item probes (the calls may be
+        long; the second keeps a thread busy while the first one's timing
+        travels back), then chunks sized from a single call's timing, a
+        noisy guess, since it times the loop around the call as much as the
+        call. More one-item chunks would queue ahead of the sized chunks the
         first timing allows, each costing a round trip (the main cost of a
-        tiny-task map), while long calls need no more than one per thread to
-        keep every worker busy until the timing arrives. Until a chunk of
-        several items has been timed, the timing is one call's (a noisy
-        guess, since it times the loop around the call as much as the call),
-        so only what the cluster takes at once (two per thread) is sized
-        from it.
+        tiny-task map).
         """
         return self.well_timed or in_flight < 2 * self._threads()
 

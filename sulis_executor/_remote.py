@@ -1,10 +1,10 @@
 """What runs inside a worker process: one cluster task runs a batch of calls.
 
 A batch arrives as one payload (its calls pickled one by one, see
-``_shared``) and leaves as one pickled payload of outcomes. Dask serialises a returned Python list element by element, which
-measured 40x slower than returning one ``bytes`` object (PERF_NOTES.md), and
-pickling here also lets us name an unpicklable result instead of letting
-Dask fail on it.
+``_shared``) and leaves as one pickled payload of outcomes. Dask serialises
+a returned Python list element by element, which measured 40x slower than
+returning one ``bytes`` object (PERF_NOTES.md), and pickling here also lets
+us name an unpicklable result instead of letting Dask fail on it.
 
 User exceptions are caught and returned as outcomes, so Dask never sees a
 failed task: that keeps workers from logging "Compute Failed" and leaves

@@ -28,28 +28,21 @@ COMMON_NAME = "dask-internal"
 
 
 class DeferredSecurity:
-    """A ``distributed.Security`` made when first asked for.
+    """A ``distributed.Security`` to be made by ``make()`` when a launcher
+    needs it (see :func:`resolve_security`).
 
     Making credentials costs about 60 ms (mostly importing ``cryptography``),
     which a launcher that starts its workers first can spend while they
-    start, instead of before (see :func:`resolve_security`).
+    start, instead of before.
     """
 
     def __init__(self, make: Any) -> None:
-        self._make = make
-        self._made = False
-        self._security: Any = None
-
-    def get(self) -> Any:
-        if not self._made:
-            self._security = self._make()
-            self._made = True
-        return self._security
+        self.make = make
 
 
 def resolve_security(security: Any) -> Any:
     """``security`` itself, or what a :class:`DeferredSecurity` makes."""
-    return security.get() if isinstance(security, DeferredSecurity) else security
+    return security.make() if isinstance(security, DeferredSecurity) else security
 
 
 def generate_credentials() -> dict[str, str]:
