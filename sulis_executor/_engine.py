@@ -180,11 +180,13 @@ def _suspects(call: Call) -> list[tuple[str, object]]:
     return suspects
 
 
-def unpicklable_error(call: Call, error: Exception) -> UnpicklableError:
+def unpicklable_error(call: Call, error: BaseException) -> UnpicklableError:
     for label, obj in _suspects(call):
         try:
             cloudpickle.dumps(obj)
-        except Exception as inner:
+        except BaseException as inner:
+            if not isinstance(inner, Exception) and not isinstance(error, type(inner)):
+                raise  # a Ctrl-C while looking for the culprit, not the culprit
             failure = UnpicklableError(
                 f"{label}, of type {_describe(obj)}, cannot be pickled to send it to a "
                 f"worker ({inner}). Pass picklable objects (module-level functions, plain "
@@ -417,7 +419,21 @@ class Engine:
 
     def _send(self, groups: list[list[Call]]) -> None:
         """Send each group of calls as one batch (one task), all in one graph."""
-        prepared = [p for p in (self._prepare(calls) for calls in groups) if p is not None]
+        prepared = []
+        try:
+            for calls in groups:
+                ready = self._prepare(calls)
+                if ready is not None:
+                    prepared.append(ready)
+        except BaseException:
+            # Ctrl-C or SystemExit in the caller's thread while pickling (see
+            # _prepare): none of these calls reaches the cluster.
+            for batch, _ in prepared:
+                self._shared.done(batch.shared_keys)
+            for calls in groups:
+                for call in calls:
+                    self._set(call, CancelledError(), error=True)
+            raise
         if not prepared:
             return
         with self._lock:
@@ -458,14 +474,18 @@ class Engine:
         batch = Batch(f"{name}-{next(self._counter)}-{uuid.uuid4().hex[:12]}", kind, calls, name)
         try:
             payload, shared_keys, shared_futures = self._shared.dumps([c.body for c in calls])
-        except Exception as failure:
+        except BaseException as failure:
+            if not self._fails_the_call(failure):
+                raise
             # Find the culprit call by call, fail it, and send the rest.
             good = []
             for call in calls:
                 try:
                     cloudpickle.dumps(call.body)
                     good.append(call)
-                except Exception as error:
+                except BaseException as error:
+                    if not self._fails_the_call(error):
+                        raise
                     self._set(call, unpicklable_error(call, error), error=True)
             if len(good) == len(calls):
                 # Every call pickles alone: sharing a buffer with the cluster
@@ -478,6 +498,18 @@ class Engine:
         for call in calls:
             call.batch = batch
         return batch, (payload, shared_futures)
+
+    def _fails_the_call(self, error: BaseException) -> bool:
+        """Whether an error raised while pickling calls fails those calls.
+
+        Any ``Exception`` does. A ``KeyboardInterrupt`` or ``SystemExit``
+        does too when the collector thread is pickling, for the calls that
+        waited for room: there it can only come from an object's
+        ``__reduce__`` (signals reach the main thread), and the collector
+        must not die, or every future would hang. In the caller's thread it
+        is the user's Ctrl-C, and it propagates.
+        """
+        return isinstance(error, Exception) or threading.current_thread() is self._collector
 
     # -- results -----------------------------------------------------------
 

@@ -96,6 +96,41 @@ def test_unpicklable_map_item_names_the_item(shared_executor):
         list(results)
 
 
+class InterruptsWhenPickled:
+    """An argument whose pickling raises KeyboardInterrupt, as a buggy or
+    hostile ``__reduce__`` could."""
+
+    def __reduce__(self):
+        raise KeyboardInterrupt("from __reduce__")
+
+
+def test_an_argument_interrupting_its_own_pickling_fails_only_its_call(tmp_path):
+    release = tmp_path / "release"
+    with SulisDaskExecutor(1) as ex:
+        # Fill the cluster (two batches per worker thread), so the next
+        # calls wait on the client and the results thread pickles them.
+        blockers = [ex.submit(tasks.wait_for_file, str(release)) for _ in range(2)]
+        wait_until(lambda: all(f.running() for f in blockers), 10, "both calls on the cluster")
+        bad = ex.submit(tasks.square, InterruptsWhenPickled())
+        good = ex.submit(tasks.square, 5)
+        assert not bad.done() and not good.done()
+        release.touch()
+        error = bad.exception(timeout=30)
+        assert isinstance(error, UnpicklableError), error
+        assert "positional argument 0 of square()" in str(error)
+        assert isinstance(error.__cause__, KeyboardInterrupt)
+        assert good.result(timeout=30) == 25
+        assert [f.result(timeout=30) for f in blockers] == [str(release)] * 2
+        assert ex.submit(tasks.square, 6).result(timeout=30) == 36
+
+
+def test_ctrl_c_while_pickling_in_the_callers_thread_propagates():
+    with SulisDaskExecutor(1) as ex:
+        with pytest.raises(KeyboardInterrupt):
+            ex.submit(tasks.square, InterruptsWhenPickled())
+        assert ex.submit(tasks.square, 7).result(timeout=30) == 49
+
+
 # -- initializer -------------------------------------------------------------
 
 
