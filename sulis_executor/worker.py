@@ -159,6 +159,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="environment variable holding the job's TLS credentials as JSON "
                              "(for workers on other nodes, which cannot read a node-local file); "
                              "removed from the environment once read")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="the launcher's pid: exit at once if it is no longer our parent")
     parser.add_argument("--verbose", action="store_true", help="let Dask's logs through")
     parser.add_argument("--profile", action="store_true",
                         help="run Dask's statistical profiler (the dashboard's Profile page)")
@@ -268,6 +270,10 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
         _die_with_parent()
     parentage = Parentage(os.getppid(), client)
     args = _parse(argv)
+    if args.parent_pid is not None and parentage.parent != args.parent_pid:
+        # Our launcher died before we asked to die with it: we would only
+        # wait for its scheduler until --death-timeout.
+        return 0
     try:
         args.name = expand_name(args.name, os.environ)
         if args.interface:

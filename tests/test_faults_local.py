@@ -194,6 +194,29 @@ def test_a_killed_client_leaves_no_workers_and_no_private_files_behind(tmp_path:
             proc.wait()
 
 
+@pytest.mark.timeout(60)
+def test_a_worker_whose_launcher_died_before_it_started_exits_at_once() -> None:
+    # A worker asks to die with its parent as it starts. A launcher that
+    # died before that is caught by its pid: the worker finds someone else
+    # as its parent (here, since we launch it, by being told another pid).
+    def start_worker(parent_pid: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "sulis_executor.worker", "-", f"--parent-pid={parent_pid}"],
+                                stdin=subprocess.PIPE)
+
+    waiting = start_worker(os.getpid())
+    orphan = start_worker(os.getppid())
+    try:
+        # Neither gets a greeting, and both keep their standard input open.
+        assert orphan.wait(timeout=30) == 0
+        assert waiting.poll() is None, "a worker with its launcher alive waits for the greeting"
+        waiting.stdin.close()  # the launcher gave up before the scheduler started
+        assert waiting.wait(timeout=30) == 0
+    finally:
+        for proc in (waiting, orphan):
+            proc.kill()
+            proc.wait()
+
+
 # --- garbage SLURM variables ----------------------------------------------
 
 def batch_environment() -> dict[str, str]:

@@ -112,7 +112,7 @@ class WorkerProcesses:
                 # as with ProcessPoolExecutor. Dask's logs are silenced in the
                 # worker. Standard input carries the greeting, then ends.
                 popen = subprocess.Popen(
-                    [sys.executable, "-m", "sulis_executor.worker", *args],
+                    [sys.executable, "-m", "sulis_executor.worker", f"--parent-pid={os.getpid()}", *args],
                     stdin=subprocess.PIPE, env=self._env,
                 )
                 if self._greeting is not None:
