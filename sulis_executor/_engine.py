@@ -249,7 +249,7 @@ class Engine:
 
     def __init__(self, client: Any, launcher: Any, token: str, has_initializer: bool,
                  direct_to_workers: bool = False, shared_directory: str | None = None,
-                 results_pushed: bool = False) -> None:
+                 results_pushed: bool = False, one_call_per_task: bool = False) -> None:
         self.client = client
         self.launcher = launcher
         self.token = token
@@ -267,6 +267,8 @@ class Engine:
         self._close_lock = threading.Lock()
         # Measured seconds per submitted call on a worker (exponential average).
         self._seconds_per_call: float | None = None
+        # max_tasks_per_child counts submitted calls, so each is its own task.
+        self._one_call_per_task = one_call_per_task
         self._capacity = 2
         self._capacity_checked = 0.0
         # Scatter straight to the workers when this process can reach them
@@ -357,7 +359,7 @@ class Engine:
     def _batch_size(self, queued: int) -> int:
         """How many submitted calls go in the next batch."""
         per_call = self._seconds_per_call
-        if per_call is None:
+        if per_call is None or self._one_call_per_task:
             return 1  # nothing measured yet: calls may be long, so spread them
         by_time = int(TARGET_BATCH_SECONDS / max(per_call, 1e-7))
         # Leave some of the queue for the other workers.

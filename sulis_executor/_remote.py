@@ -90,6 +90,102 @@ class InitializerPlugin(_WorkerPlugin):  # type: ignore[misc,valid-type]
             return None if self._outcome[0] == OK else self._outcome
 
 
+def task_budget_plugin_name(token: str) -> str:
+    return f"sulis-executor-max-tasks-{token}"
+
+
+#: The task budget of this worker process, by executor token (see TaskBudget).
+_budgets: dict[str, TaskBudget] = {}
+
+
+class TaskBudget(_WorkerPlugin):  # type: ignore[misc,valid-type]
+    """``max_tasks_per_child``: each worker process runs at most this many
+    cluster tasks, then leaves, and its launcher starts a fresh one.
+
+    A task counts as ``ProcessPoolExecutor`` counts one: a submitted call
+    (the engine then sends one call per task) or a chunk of ``map``. A task
+    the scheduler hands over while the worker leaves is given back
+    (``Reschedule``), never run.
+
+    The worker leaves only once the client has the results it computed:
+    Dask would run the calls again for a result lost with its worker.
+    """
+
+    #: How long a leaving worker waits for the client to take its results.
+    RETIRE_TIMEOUT = 30.0
+
+    def __init__(self, token: str, max_tasks: int) -> None:
+        self.token = token
+        self.max_tasks = max_tasks
+        self._lock = threading.Lock()
+        self._left = max_tasks
+        self._retiring = False
+        self._computed: list[str] = []
+        self._worker: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"token": self.token, "max_tasks": self.max_tasks}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["token"], state["max_tasks"])  # type: ignore[misc]
+
+    def setup(self, worker: Any) -> None:
+        self._worker = worker
+        _budgets[self.token] = self
+
+    def teardown(self, worker: Any) -> None:
+        _budgets.pop(self.token, None)
+
+    def take(self) -> bool:
+        """Count the current task against the budget; ``False`` if none is left."""
+        with self._lock:
+            if self._left <= 0:
+                return False
+            self._left -= 1
+            return True
+
+    def task_done(self, key: Any) -> None:
+        """Called after each task; once the budget is spent, the worker leaves."""
+        with self._lock:
+            self._computed.append(key)
+            if self._left > 0 or self._retiring or self._worker is None:
+                return
+            self._retiring = True
+        self._worker.loop.add_callback(self._retire)
+
+    def _holds_results(self, worker: Any) -> bool:
+        """Whether a task we ran is still finishing, or its result is still
+        wanted (the client releases it once it has it)."""
+        for key in self._computed:
+            task = worker.state.tasks.get(key)
+            if task is not None and task.state in ("executing", "long-running", "memory"):
+                return True
+        return False
+
+    async def _retire(self) -> None:
+        import asyncio
+
+        from distributed.core import Status
+
+        worker = self._worker
+        # The scheduler stops giving us tasks; any already on the way are given back.
+        worker.status = Status.closing_gracefully
+        deadline = time.monotonic() + self.RETIRE_TIMEOUT
+        while self._holds_results(worker) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if worker.data:  # inputs scattered here, or results the client never took
+            # Hand over what only we hold to another worker, if there is one.
+            retire = worker.scheduler.retire_workers(
+                workers=[worker.address], close_workers=False, remove=False,
+                stimulus_id=f"max-tasks-per-child-{time.time()}",
+            )
+            try:
+                await asyncio.wait_for(retire, max(1.0, deadline - time.monotonic()))
+            except Exception:  # no worker to take it: leave anyway
+                pass
+        await worker.close(reason="max_tasks_per_child")
+
+
 def _error_outcome(error: BaseException) -> tuple[int, BaseException, str]:
     return (ERROR, error, "".join(traceback.format_exception(error)))
 
@@ -161,7 +257,20 @@ def run_batch(kind: str, payload: bytes, token: str, has_initializer: bool,
     the payload's large out-of-band buffers in order (see ``_shared``),
     fetched by Dask as the task's dependencies.
     """
-    return send_back(reply_to, _run_batch(kind, payload, token, has_initializer, shared))
+    budget = _budgets.get(token)
+    if budget is None:
+        return send_back(reply_to, _run_batch(kind, payload, token, has_initializer, shared))
+    if not budget.take():
+        # Handed to us while we retire: another worker (or our replacement) runs it.
+        from distributed import Reschedule
+
+        raise Reschedule()
+    try:
+        return send_back(reply_to, _run_batch(kind, payload, token, has_initializer, shared))
+    finally:
+        from distributed import get_worker
+
+        budget.task_done(get_worker().get_current_task())
 
 
 def _run_batch(kind: str, payload: bytes, token: str, has_initializer: bool,

@@ -129,13 +129,16 @@ class SulisDaskExecutor(Executor):
     Args:
         max_workers: Worker processes of a local cluster. Defaults to the CPUs
             this process may use. Must be greater than 0.
-        mp_context: Accepted for compatibility; workers are started by Dask's
-            nanny, whose start method is ``distributed.worker.multiprocessing-method``.
+        mp_context: Accepted for compatibility and not used: the executor
+            starts its worker processes itself (see ``sulis_executor.launchers``).
         initializer: Called once in each worker process, including restarted
             ones, before its first task. If it fails the executor is broken.
         initargs: Arguments for ``initializer``.
-        max_tasks_per_child: Not supported yet; passing it raises
-            ``NotImplementedError`` rather than silently ignoring it.
+        max_tasks_per_child: The most tasks (submitted calls, or ``map``
+            chunks, as ``ProcessPoolExecutor`` counts them) a worker process
+            runs before it leaves and a fresh one takes its place. Local
+            cluster only: the processes of an ``srun`` step or an MPI job
+            cannot be replaced.
         **options: Launch and cluster options; see ``sulis_executor.config``.
     """
 
@@ -157,10 +160,10 @@ class SulisDaskExecutor(Executor):
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be a callable, not {initializer!r}")
         if max_tasks_per_child is not None:
-            raise NotImplementedError(
-                "max_tasks_per_child is not supported by SulisDaskExecutor yet; "
-                "restart workers with ex.client.restart() if you need fresh processes"
-            )
+            if isinstance(max_tasks_per_child, bool) or not isinstance(max_tasks_per_child, int):
+                raise TypeError(f"max_tasks_per_child must be an integer, not {max_tasks_per_child!r}")
+            if max_tasks_per_child <= 0:
+                raise ValueError(f"max_tasks_per_child must be >= 1, got {max_tasks_per_child}")
         self._options: ExecutorOptions = resolve_options(
             dict(options, max_workers=max_workers), os.environ
         )
@@ -170,6 +173,13 @@ class SulisDaskExecutor(Executor):
         self._teardown_thread: threading.Thread | None = None
         self._mode, reason = choose_launch_mode(self._options, os.environ)
         logger.info("launch mode %r: %s", self._mode, reason)
+        if max_tasks_per_child is not None and self._mode != "local":
+            raise ValueError(
+                f"max_tasks_per_child needs a local cluster, whose worker processes the "
+                f"executor can replace; in {self._mode!r} mode ({reason}) the workers are "
+                f"fixed. Leave max_tasks_per_child unset, or use launch='local'"
+            )
+        self._max_tasks_per_child = max_tasks_per_child
         self._launcher = make_launcher(self._mode, self._options, self._job_security())
         self._engine = self._start(initializer, tuple(initargs))
         self._finalizer = weakref.finalize(self, _shutdown_engine, self._engine)
@@ -213,11 +223,17 @@ class SulisDaskExecutor(Executor):
                     _remote.InitializerPlugin(initializer, initargs),
                     name=_remote.initializer_plugin_name(token),
                 )
+            if self._max_tasks_per_child is not None:
+                client.register_plugin(
+                    _remote.TaskBudget(token, self._max_tasks_per_child),
+                    name=_remote.task_budget_plugin_name(token),
+                )
             if cluster.min_workers:
                 self._wait_for_workers(client, cluster, deadline)
             engine = Engine(client, self._launcher, token, initializer is not None,
                             cluster.workers_reachable, cluster.shared_directory,
-                            forwards_results(client, cluster.target))
+                            forwards_results(client, cluster.target),
+                            one_call_per_task=self._max_tasks_per_child is not None)
         except BaseException:
             client.close()
             self._launcher.close(timeout=10)

@@ -647,3 +647,30 @@ def test_an_executor_with_its_own_cluster_stops_it_on_shutdown():
         return False
 
     wait_until(refused, 10, "the scheduler to stop listening")
+
+
+# -- max_tasks_per_child -----------------------------------------------------
+
+
+def with_max_tasks_per_child(executor_type: str, max_workers: int, max_tasks: int):
+    if executor_type == "ProcessPoolExecutor":
+        # It needs a start method other than fork, and picks spawn by itself.
+        return ProcessPoolExecutor(max_workers, max_tasks_per_child=max_tasks)
+    return SulisDaskExecutor(max_workers, max_tasks_per_child=max_tasks)
+
+
+@pytest.mark.parametrize("executor_type", ["ProcessPoolExecutor", "SulisDaskExecutor"])
+def test_max_tasks_per_child_replaces_the_worker_process_after_that_many_tasks(executor_type):
+    # CPython's own test of the option, step by step.
+    with with_max_tasks_per_child(executor_type, 1, 3) as ex:
+        original = ex.submit(os.getpid).result(timeout=30)
+        assert ex.submit(os.getpid).result(timeout=30) == original
+        assert ex.submit(os.getpid).result(timeout=30) == original
+        assert ex.submit(os.getpid).result(timeout=30) != original
+
+
+@pytest.mark.parametrize("executor_type", [ProcessPoolExecutor, SulisDaskExecutor])
+@pytest.mark.parametrize("bad, error", [("3", TypeError), (0, ValueError), (-1, ValueError)])
+def test_max_tasks_per_child_must_be_a_positive_integer(executor_type, bad, error):
+    with pytest.raises(error, match="max_tasks_per_child"):
+        executor_type(1, max_tasks_per_child=bad)

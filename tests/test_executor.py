@@ -156,6 +156,52 @@ def test_initializer_also_runs_in_a_worker_that_replaced_a_killed_one(tmp_path):
         assert sorted(log.read_text().split()[1::2]) == sorted([str(first_pid), str(new_pid)])
 
 
+def test_initializer_runs_in_each_worker_that_max_tasks_per_child_replaces(tmp_path):
+    log = tmp_path / "init.txt"
+    with SulisDaskExecutor(1, initializer=tasks.record_initializer, initargs=(str(log), "init"),
+                           max_tasks_per_child=1) as ex:
+        results = [ex.submit(tasks.pid_and_initialized).result(timeout=30) for _ in range(3)]
+    assert len({pid for pid, _ in results}) == 3
+    assert all(initialized for _, initialized in results)
+    assert sorted(log.read_text().split()[1::2]) == sorted(str(pid) for pid, _ in results)
+
+
+# -- max_tasks_per_child -----------------------------------------------------
+
+
+def test_max_tasks_per_child_counts_calls_submitted_together_one_by_one():
+    with SulisDaskExecutor(1, max_tasks_per_child=3) as ex:
+        pids = [f.result(timeout=30) for f in [ex.submit(os.getpid) for _ in range(10)]]
+    assert [pids.count(pid) for pid in dict.fromkeys(pids)] == [3, 3, 3, 1]
+
+
+def test_max_tasks_per_child_counts_map_chunks_as_tasks():
+    with SulisDaskExecutor(2, max_tasks_per_child=2) as ex:
+        pids = list(ex.map(tasks.pid_of_worker, range(12), chunksize=1))
+        assert max(pids.count(pid) for pid in set(pids)) <= 2
+        assert len(set(pids)) >= 6
+        chunked = list(ex.map(tasks.pid_of_worker, range(12), chunksize=4))
+        assert all(len(set(chunked[i:i + 4])) == 1 for i in range(0, 12, 4))
+
+
+def test_a_worker_leaving_after_max_tasks_per_child_never_makes_a_call_run_twice(tmp_path):
+    # Dask runs a task again when the only copy of its result goes with a
+    # worker that leaves; the worker leaves only once the client has it.
+    path = str(tmp_path / "calls.txt")
+    with SulisDaskExecutor(2, max_tasks_per_child=1) as ex:
+        futures = [ex.submit(tasks.append_line, path, str(i)) for i in range(10)]
+        assert [f.result(timeout=60) for f in futures] == [None] * 10
+        assert list(ex.map(tasks.append_line, [path] * 6, "abcdef", chunksize=1)) == [None] * 6
+    assert sorted(Path(path).read_text().split()) == sorted([str(i) for i in range(10)] + list("abcdef"))
+
+
+def test_max_tasks_per_child_outside_a_local_cluster_fails_at_once_naming_it(scheduler_address):
+    started = time.monotonic()
+    with pytest.raises(ValueError, match="max_tasks_per_child needs a local cluster"):
+        SulisDaskExecutor(address=scheduler_address, max_tasks_per_child=5)
+    assert time.monotonic() - started < 5
+
+
 def test_failing_initializer_breaks_the_executor_like_process_pool(tmp_path):
     with SulisDaskExecutor(1, initializer=tasks.failing_initializer) as ex:
         error = ex.submit(tasks.square, 2).exception(timeout=30)
