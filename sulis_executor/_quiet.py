@@ -25,3 +25,9 @@ def silence_dask_logs(verbose: bool) -> None:
         elif log.level in (logging.NOTSET, logging.INFO, logging.WARNING):
             # Dask's own logging config sets INFO/WARNING; NOTSET is untouched.
             log.setLevel(logging.CRITICAL)
+
+
+#: Dask's event loops check themselves for stalls every 20 ms, in the
+#: scheduler and in every worker, only to log a warning (silenced unless
+#: verbose). Once a second is enough for that.
+NO_STALL_CHECK = {"distributed.admin.tick.interval": "1s"}

@@ -198,7 +198,9 @@ def quiet_worker_config(profile: bool) -> dict[str, Any]:
     """
     if profile:
         return {}
-    return {"distributed.worker.profile.enabled": False, "distributed.admin.tick.interval": "1s"}
+    from ._quiet import NO_STALL_CHECK
+
+    return {"distributed.worker.profile.enabled": False, **NO_STALL_CHECK}
 
 
 def _read_greeting(args: argparse.Namespace) -> bool:

@@ -30,6 +30,7 @@ from typing import Any
 
 import dask.config
 
+from .._quiet import NO_STALL_CHECK
 from ..config import ExecutorOptions
 
 #: Seconds between the batched sends of the scheduler's messages to a worker.
@@ -138,9 +139,7 @@ def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -
         dashboard = None
         scheduler_kwargs = {"dashboard_address": f"{http_host}:0"}
     scheduler_kwargs["plugins"] = [_executor_streams()]
-    # The event loop's stall check only feeds a log warning (see
-    # sulis_executor.worker.quiet_worker_config).
-    quiet = {} if options.verbose else {"distributed.admin.tick.interval": "1s"}
+    quiet = {} if options.verbose else NO_STALL_CHECK
     with dask.config.set({
         **quiet,
         "distributed.scheduler.worker-saturation": 1.0,
