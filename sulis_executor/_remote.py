@@ -168,6 +168,8 @@ class TaskBudget(_WorkerPlugin):  # type: ignore[misc,valid-type]
         from distributed.core import Status
 
         worker = self._worker
+        if worker.status != Status.running:
+            return  # closing already (the executor shuts down)
         # The scheduler stops giving us tasks; any already on the way are given back.
         worker.status = Status.closing_gracefully
         deadline = time.monotonic() + self.RETIRE_TIMEOUT
