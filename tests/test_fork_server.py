@@ -120,6 +120,17 @@ def test_without_a_fork_server_workers_are_fresh_interpreters(
 
 
 @pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh-interpreter"])
+def test_workers_leaving_after_max_tasks_per_child_are_replaced_either_way(
+        monkeypatch: pytest.MonkeyPatch, no_process_left: None, fork: bool) -> None:
+    if not fork:
+        monkeypatch.setattr(_processes, "fork_server_supported", lambda: False)  # as off Linux
+    with SulisDaskExecutor(max_workers=2, max_tasks_per_child=2) as ex:
+        pids = list(ex.map(tasks.pid_of_worker, range(16), chunksize=1))
+        assert max(pids.count(pid) for pid in set(pids)) <= 2 and len(set(pids)) >= 8
+        assert ex.submit(tasks.square, 3).result(timeout=30) == 9
+
+
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh-interpreter"])
 def test_a_slot_whose_worker_keeps_failing_to_start_is_given_up(
         fork: bool, no_process_left: None) -> None:
     starts: list[int] = []
