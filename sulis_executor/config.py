@@ -171,6 +171,8 @@ OPTIONS: dict[str, Option] = {
     for option in (
         Option("max_workers", None, _parse_positive_int,
                "Workers of a local cluster (default: the CPUs this process may use)."),
+        Option("max_tasks_per_child", None, _parse_positive_int,
+               "Tasks a local worker process runs before a fresh one replaces it (default: no limit)."),
         Option("launch", "auto", _parse_launch,
                "How to get a cluster: " + ", ".join(LAUNCH_MODES) + "."),
         Option("address", None, _parse_optional_str,
@@ -205,6 +207,7 @@ class ExecutorOptions:
     """Resolved options; ``sources`` says where each value came from."""
 
     max_workers: int | None = None
+    max_tasks_per_child: int | None = None
     launch: str = "auto"
     address: str | None = None
     scheduler_file: str | None = None

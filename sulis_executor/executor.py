@@ -138,7 +138,7 @@ class SulisDaskExecutor(Executor):
             chunks, as ``ProcessPoolExecutor`` counts them) a worker process
             runs before it leaves and a fresh one takes its place. Local
             cluster only: the processes of an ``srun`` step or an MPI job
-            cannot be replaced.
+            cannot be replaced. Also ``SULIS_EXECUTOR_MAX_TASKS_PER_CHILD``.
         **options: Launch and cluster options; see ``sulis_executor.config``.
     """
 
@@ -165,7 +165,7 @@ class SulisDaskExecutor(Executor):
             if max_tasks_per_child <= 0:
                 raise ValueError(f"max_tasks_per_child must be >= 1, got {max_tasks_per_child}")
         self._options: ExecutorOptions = resolve_options(
-            dict(options, max_workers=max_workers), os.environ
+            dict(options, max_workers=max_workers, max_tasks_per_child=max_tasks_per_child), os.environ
         )
         silence_dask_logs(self._options.verbose)
         self._shutdown_lock = threading.Lock()
@@ -173,13 +173,14 @@ class SulisDaskExecutor(Executor):
         self._teardown_thread: threading.Thread | None = None
         self._mode, reason = choose_launch_mode(self._options, os.environ)
         logger.info("launch mode %r: %s", self._mode, reason)
-        if max_tasks_per_child is not None and self._mode != "local":
+        self._max_tasks_per_child = self._options.max_tasks_per_child
+        if self._max_tasks_per_child is not None and self._mode != "local":
+            source = self._options.sources.get("max_tasks_per_child", "argument max_tasks_per_child=")
             raise ValueError(
                 f"max_tasks_per_child needs a local cluster, whose worker processes the "
                 f"executor can replace; in {self._mode!r} mode ({reason}) the workers are "
-                f"fixed. Leave max_tasks_per_child unset, or use launch='local'"
+                f"fixed. Unset it ({source}), or use launch='local'"
             )
-        self._max_tasks_per_child = max_tasks_per_child
         self._launcher = make_launcher(self._mode, self._options, self._job_security())
         self._engine = self._start(initializer, tuple(initargs))
         self._finalizer = weakref.finalize(self, _shutdown_engine, self._engine)

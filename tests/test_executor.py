@@ -175,6 +175,13 @@ def test_max_tasks_per_child_counts_calls_submitted_together_one_by_one():
     assert [pids.count(pid) for pid in dict.fromkeys(pids)] == [3, 3, 3, 1]
 
 
+def test_max_tasks_per_child_can_come_from_the_environment(monkeypatch):
+    monkeypatch.setenv("SULIS_EXECUTOR_MAX_TASKS_PER_CHILD", "2")
+    with SulisDaskExecutor(1) as ex:
+        pids = [ex.submit(os.getpid).result(timeout=30) for _ in range(5)]
+    assert [pids.count(pid) for pid in dict.fromkeys(pids)] == [2, 2, 1]
+
+
 def test_max_tasks_per_child_counts_map_chunks_as_tasks():
     with SulisDaskExecutor(2, max_tasks_per_child=2) as ex:
         pids = list(ex.map(tasks.pid_of_worker, range(12), chunksize=1))
