@@ -202,8 +202,8 @@ class _Server:
         the worker (run after ``serve()`` returns, so the worker ends as a
         fresh interpreter does: atexit handlers, flushed output)."""
         try:
-            _die_with_parent()  # a fork does not inherit it
-            if os.getppid() != self.pid:  # the server died before that took effect
+            # A fork does not inherit it; the server may have died before we asked.
+            if not _die_with_parent(parent=self.pid):
                 os._exit(0)
             signal.set_wakeup_fd(-1)
             for signum, handler in self.default_handlers.items():
@@ -287,9 +287,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # Until we serve, the signal's default action (exit) will do: we know
     # of no files to remove.
-    _die_with_parent(CLIENT_DIED)
+    client_alive = _die_with_parent(CLIENT_DIED, parent=client_pid)
     client_start = process_start_time(client_pid)
-    if os.getppid() != client_pid or client_start is None:
+    if not client_alive or client_start is None:
         return 0  # the client died before we could follow it
     control = os.dup(0)
     devnull = os.open(os.devnull, os.O_RDONLY)

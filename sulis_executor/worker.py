@@ -39,17 +39,22 @@ from collections.abc import Mapping
 from typing import Any
 
 
-def _die_with_parent(signum: int = signal.SIGTERM) -> None:
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
+def _die_with_parent(signum: int = signal.SIGTERM, parent: int | None = None) -> bool:
+    """Ask for ``signum`` when our parent dies (Linux's ``PR_SET_PDEATHSIG``).
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signum)
-    except Exception:  # best effort: the scheduler's death also ends us
-        pass
+    Returns whether ``parent``, if given, is still our parent. If it died
+    before we asked, the signal will never come, and the caller should go.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            libc.prctl(pr_set_pdeathsig, signum)
+        except Exception:  # best effort: the scheduler's death also ends us
+            pass
+    return parent is None or os.getppid() == parent
 
 
 #: A process as ``(pid, start time)``: unlike a pid alone, never another
@@ -268,14 +273,12 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
     which received the credentials by other means than a file. ``client`` is
     the client's identity when our parent is its fork server.
     """
-    if die_with_parent:
-        _die_with_parent()
-    parentage = Parentage(os.getppid(), client)
     args = _parse(argv)
-    if args.parent_pid is not None and parentage.parent != args.parent_pid:
+    if die_with_parent and not _die_with_parent(parent=args.parent_pid):
         # Our launcher died before we asked to die with it: we would only
         # wait for its scheduler until --death-timeout.
         return 0
+    parentage = Parentage(os.getppid(), client)
     try:
         args.name = expand_name(args.name, os.environ)
         if args.interface:
