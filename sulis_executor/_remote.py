@@ -153,11 +153,11 @@ class TaskBudget(_WorkerPlugin):  # type: ignore[misc,valid-type]
             self._retiring = True
         self._worker.loop.add_callback(self._retire)
 
-    def _holds_results(self, worker: Any) -> bool:
+    def _holds_results(self) -> bool:
         """Whether a task we ran is still finishing, or its result is still
         wanted (the client releases it once it has it)."""
         for key in self._computed:
-            task = worker.state.tasks.get(key)
+            task = self._worker.state.tasks.get(key)
             if task is not None and task.state in ("executing", "long-running", "memory"):
                 return True
         return False
@@ -173,7 +173,7 @@ class TaskBudget(_WorkerPlugin):  # type: ignore[misc,valid-type]
         # The scheduler stops giving us tasks; any already on the way are given back.
         worker.status = Status.closing_gracefully
         deadline = time.monotonic() + self.RETIRE_TIMEOUT
-        while self._holds_results(worker) and time.monotonic() < deadline:
+        while self._holds_results() and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if worker.data:  # inputs scattered here, or results the client never took
             # Hand over what only we hold to another worker, if there is one.
@@ -259,10 +259,8 @@ def run_batch(kind: str, payload: bytes, token: str, has_initializer: bool,
     the payload's large out-of-band buffers in order (see ``_shared``),
     fetched by Dask as the task's dependencies.
     """
-    budget = _budgets.get(token)
-    if budget is None:
-        return send_back(reply_to, _run_batch(kind, payload, token, has_initializer, shared))
-    if not budget.take():
+    budget = _budgets.get(token)  # max_tasks_per_child
+    if budget is not None and not budget.take():
         # Handed to us while we retire: another worker (or our replacement) runs it.
         from distributed import Reschedule
 
@@ -270,9 +268,10 @@ def run_batch(kind: str, payload: bytes, token: str, has_initializer: bool,
     try:
         return send_back(reply_to, _run_batch(kind, payload, token, has_initializer, shared))
     finally:
-        from distributed import get_worker
+        if budget is not None:
+            from distributed import get_worker
 
-        budget.task_done(get_worker().get_current_task())
+            budget.task_done(get_worker().get_current_task())
 
 
 def _run_batch(kind: str, payload: bytes, token: str, has_initializer: bool,

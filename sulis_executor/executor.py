@@ -173,8 +173,7 @@ class SulisDaskExecutor(Executor):
         self._teardown_thread: threading.Thread | None = None
         self._mode, reason = choose_launch_mode(self._options, os.environ)
         logger.info("launch mode %r: %s", self._mode, reason)
-        self._max_tasks_per_child = self._options.max_tasks_per_child
-        if self._max_tasks_per_child is not None and self._mode != "local":
+        if self._options.max_tasks_per_child is not None and self._mode != "local":
             source = self._options.sources.get("max_tasks_per_child", "argument max_tasks_per_child=")
             raise ValueError(
                 f"max_tasks_per_child needs a local cluster, whose worker processes the "
@@ -224,9 +223,9 @@ class SulisDaskExecutor(Executor):
                     _remote.InitializerPlugin(initializer, initargs),
                     name=_remote.initializer_plugin_name(token),
                 )
-            if self._max_tasks_per_child is not None:
+            if self._options.max_tasks_per_child is not None:
                 client.register_plugin(
-                    _remote.TaskBudget(token, self._max_tasks_per_child),
+                    _remote.TaskBudget(token, self._options.max_tasks_per_child),
                     name=_remote.task_budget_plugin_name(token),
                 )
             if cluster.min_workers:
@@ -234,7 +233,7 @@ class SulisDaskExecutor(Executor):
             engine = Engine(client, self._launcher, token, initializer is not None,
                             cluster.workers_reachable, cluster.shared_directory,
                             forwards_results(client, cluster.target),
-                            one_call_per_task=self._max_tasks_per_child is not None)
+                            one_call_per_task=self._options.max_tasks_per_child is not None)
         except BaseException:
             client.close()
             self._launcher.close(timeout=10)
