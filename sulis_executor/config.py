@@ -50,6 +50,22 @@ def _parse_positive_int(value: Any) -> int | None:
     return number
 
 
+#: Start methods ``mp_context`` may name; see ``_parse_start_method``.
+START_METHODS = ("fork", "forkserver", "spawn")
+
+
+def _parse_start_method(value: Any) -> str | None:
+    """A ``multiprocessing`` context (what ``ProcessPoolExecutor`` takes) or
+    the name of its start method, as the name."""
+    if value is None:
+        return None
+    method = value.get_start_method() if hasattr(value, "get_start_method") else value
+    if isinstance(method, str) and method.strip().lower() in START_METHODS:
+        return method.strip().lower()
+    raise ValueError("expected a multiprocessing context, e.g. multiprocessing.get_context('spawn'), "
+                     f"or one of {', '.join(START_METHODS)}")
+
+
 def _parse_seconds(value: Any) -> float:
     if isinstance(value, str):
         # Accept Dask's "30s", "2 minutes", ... as well as plain numbers.
@@ -173,6 +189,9 @@ OPTIONS: dict[str, Option] = {
                "Workers of a local cluster (default: the CPUs this process may use)."),
         Option("max_tasks_per_child", None, _parse_positive_int,
                "Tasks a local worker process runs before a fresh one replaces it (default: no limit)."),
+        Option("mp_context", None, _parse_start_method,
+               "How local workers start: 'spawn' (each a fresh interpreter) or 'fork' and "
+               "'forkserver' (forked from a fork server; the default where there is one)."),
         Option("launch", "auto", _parse_launch,
                "How to get a cluster: " + ", ".join(LAUNCH_MODES) + "."),
         Option("address", None, _parse_optional_str,
@@ -208,6 +227,7 @@ class ExecutorOptions:
 
     max_workers: int | None = None
     max_tasks_per_child: int | None = None
+    mp_context: str | None = None
     launch: str = "auto"
     address: str | None = None
     scheduler_file: str | None = None
@@ -259,7 +279,9 @@ def resolve_options(
                 try:
                     values[option.name] = option.parse(raw)
                 except ValueError as error:
-                    raise ValueError(f"{source}={raw!r} is invalid: {error}") from None
+                    # "argument timeout=" already ends in "="; the others do not.
+                    named = source if source.endswith("=") else f"{source}="
+                    raise ValueError(f"{named}{raw!r} is invalid: {error}") from None
                 sources[option.name] = source
                 break
         else:

@@ -129,8 +129,14 @@ class SulisDaskExecutor(Executor):
     Args:
         max_workers: Worker processes of a local cluster. Defaults to the CPUs
             this process may use. Must be greater than 0.
-        mp_context: Accepted for compatibility and not used: the executor
-            starts its worker processes itself (see ``sulis_executor.launchers``).
+        mp_context: How the worker processes of a local cluster start: a
+            ``multiprocessing`` context, or its start method's name.
+            ``"spawn"``: each is a fresh interpreter. ``"fork"`` or
+            ``"forkserver"`` (and the default, on Linux): each is forked from
+            a fork server that has imported Dask, never from this process
+            (see ``sulis_executor.launchers``). Elsewhere workers are always
+            fresh interpreters, started by ``srun`` or MPI. Also
+            ``SULIS_EXECUTOR_MP_CONTEXT``.
         initializer: Called once in each worker process, including restarted
             ones, before its first task. If it fails the executor is broken.
         initargs: Arguments for ``initializer``.
@@ -165,7 +171,9 @@ class SulisDaskExecutor(Executor):
             if max_tasks_per_child <= 0:
                 raise ValueError(f"max_tasks_per_child must be >= 1, got {max_tasks_per_child}")
         self._options: ExecutorOptions = resolve_options(
-            dict(options, max_workers=max_workers, max_tasks_per_child=max_tasks_per_child), os.environ
+            dict(options, max_workers=max_workers, mp_context=mp_context,
+                 max_tasks_per_child=max_tasks_per_child),
+            os.environ,
         )
         silence_dask_logs(self._options.verbose)
         self._shutdown_lock = threading.Lock()

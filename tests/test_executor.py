@@ -445,6 +445,13 @@ def test_unparseable_memory_limit_names_the_value():
 
 
 @pytest.mark.timeout(10)
+@pytest.mark.parametrize("bad", ["thread", 5])
+def test_an_unknown_start_method_fails_at_once_naming_mp_context_and_the_choices(bad):
+    with pytest.raises(ValueError, match=f"argument mp_context={bad!r} is invalid.*fork, forkserver, spawn"):
+        SulisDaskExecutor(1, bad)
+
+
+@pytest.mark.timeout(10)
 def test_bad_environment_variable_is_named(monkeypatch):
     monkeypatch.setenv("SULIS_EXECUTOR_TIMEOUT", "soon")
     with pytest.raises(ValueError, match="SULIS_EXECUTOR_TIMEOUT='soon'"):

@@ -15,6 +15,7 @@ The killed-client case (the workers remove the client's files) is in
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -119,12 +120,45 @@ def test_without_a_fork_server_workers_are_fresh_interpreters(
         assert sorted(ex.map(tasks.square, range(20))) == [i * i for i in range(20)]
 
 
-@pytest.mark.parametrize("fork", [True, False], ids=["forked", "fresh-interpreter"])
+# -- mp_context ----------------------------------------------------------------
+
+def is_fresh_interpreter(pid: int) -> bool:
+    return psutil.Process(pid).cmdline()[1:3] == ["-m", "sulis_executor.worker"]
+
+
+@pytest.mark.parametrize("mp_context", ["spawn", multiprocessing.get_context("spawn")],
+                         ids=["name", "context"])
+def test_a_spawn_context_makes_every_worker_a_fresh_interpreter(
+        mp_context: object, no_process_left: None) -> None:
+    with SulisDaskExecutor(2, mp_context) as ex:
+        workers = worker_pids(ex)
+        assert len(workers) == 2 and parents(workers) == {os.getpid()}
+        assert all(is_fresh_interpreter(pid) for pid in workers)
+        assert list(ex.map(tasks.square, range(5))) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.parametrize("mp_context", ["fork", multiprocessing.get_context("forkserver")],
+                         ids=["fork", "forkserver"])
+def test_fork_contexts_fork_workers_from_the_fork_server_never_from_the_client(
+        mp_context: object, no_process_left: None) -> None:
+    with SulisDaskExecutor(2, mp_context) as ex:
+        workers = worker_pids(ex)
+        (server,) = parents(workers)
+        assert server != os.getpid() and psutil.Process(server).ppid() == os.getpid()
+        assert not any(is_fresh_interpreter(pid) for pid in workers)
+
+
+def test_the_start_method_can_come_from_the_environment(
+        monkeypatch: pytest.MonkeyPatch, no_process_left: None) -> None:
+    monkeypatch.setenv("SULIS_EXECUTOR_MP_CONTEXT", "spawn")
+    with SulisDaskExecutor(1) as ex:
+        assert parents(worker_pids(ex)) == {os.getpid()}
+
+
+@pytest.mark.parametrize("mp_context", [None, "spawn"], ids=["forked", "fresh-interpreter"])
 def test_workers_leaving_after_max_tasks_per_child_are_replaced_either_way(
-        monkeypatch: pytest.MonkeyPatch, no_process_left: None, fork: bool) -> None:
-    if not fork:
-        monkeypatch.setattr(_processes, "fork_server_supported", lambda: False)  # as off Linux
-    with SulisDaskExecutor(max_workers=2, max_tasks_per_child=2) as ex:
+        no_process_left: None, mp_context: str | None) -> None:
+    with SulisDaskExecutor(2, mp_context, max_tasks_per_child=2) as ex:
         pids = list(ex.map(tasks.pid_of_worker, range(16), chunksize=1))
         assert max(pids.count(pid) for pid in set(pids)) <= 2 and len(set(pids)) >= 8
         assert ex.submit(tasks.square, 3).result(timeout=30) == 9

@@ -59,6 +59,8 @@ class LocalLauncher(Launcher):
             self.n_workers,
             lambda slot, generation: worker_args("-", f"local-{slot}-{generation}", extra),
             env=pythonpath_env(),
+            # mp_context "spawn": fresh interpreters, as multiprocessing's spawn.
+            fork=options.mp_context != "spawn",
         )
         self._workers.start()
         # The credentials, made while the workers start (see DeferredSecurity).
