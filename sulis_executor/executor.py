@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import signal
 import threading
 import time
 import uuid
@@ -404,6 +405,39 @@ class SulisDaskExecutor(Executor):
                 self._teardown_thread.start()
 
     shutdown.__doc__ = Executor.shutdown.__doc__
+
+    def terminate_workers(self) -> None:
+        """Terminate every worker process now (SIGTERM; SIGKILL for those
+        still there a few seconds later), as ``ProcessPoolExecutor`` does
+        since Python 3.14, and shut down without waiting.
+
+        Calls not yet started are cancelled, and those running fail with
+        :class:`BrokenSulisExecutor` (a ``BrokenProcessPool``). Only workers
+        this executor started (a local cluster, an ``srun`` step) can be
+        terminated; otherwise ``NotImplementedError`` is raised, and nothing
+        changes.
+        """
+        self._force_shutdown(signal.SIGTERM, "terminate_workers", "terminated")
+
+    def kill_workers(self) -> None:
+        """As :meth:`terminate_workers`, with SIGKILL: no worker gets to
+        clean up."""
+        self._force_shutdown(signal.SIGKILL, "kill_workers", "killed")
+
+    def _force_shutdown(self, signum: int, method: str, done: str) -> None:
+        if not self._launcher.signal_workers(signum):
+            whose = ("ranks of this MPI job, whose end would end the job" if self._mode == "mpi"
+                     else "run by whoever started the cluster this executor attached to")
+            raise NotImplementedError(
+                f"{method}() stops only worker processes this executor started (a local "
+                f"cluster or an srun step); in {self._mode!r} mode they are {whose}. "
+                f"shutdown(wait=False, cancel_futures=True) stops the work instead"
+            )
+        with self._shutdown_lock:
+            self._shutdown = True
+        self._engine.cancel_queued()
+        self._engine.mark_broken(f"the executor's worker processes were {done} by {method}()")
+        self.shutdown(wait=False)
 
 
 def _finish_then_close(engine: Engine, finalizer: weakref.finalize) -> None:

@@ -209,6 +209,16 @@ def test_max_tasks_per_child_outside_a_local_cluster_fails_at_once_naming_it(sch
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["terminate_workers", "kill_workers"])
+def test_workers_the_executor_did_not_start_are_not_its_to_terminate(shared_executor, method):
+    with pytest.raises(NotImplementedError,
+                       match=rf"{method}\(\).*'address' mode.*shutdown\(wait=False, cancel_futures=True\)"):
+        getattr(shared_executor, method)()
+    # Nothing changed: the executor and the cluster's workers go on.
+    assert shared_executor.submit(tasks.square, 3).result(timeout=30) == 9
+
+
 def test_failing_initializer_breaks_the_executor_like_process_pool(tmp_path):
     with SulisDaskExecutor(1, initializer=tasks.failing_initializer) as ex:
         error = ex.submit(tasks.square, 2).exception(timeout=30)

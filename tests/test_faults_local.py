@@ -7,6 +7,10 @@
   ``map`` leaves no worker process behind.
 * A client killed outright (SIGKILL) leaves neither workers nor its private
   files (credentials, shared buffers) behind.
+* ``terminate_workers()`` and ``kill_workers()`` (``ProcessPoolExecutor``'s
+  since Python 3.14) end the worker processes at once, even mid-call: the
+  running calls fail as a broken pool, the queued ones are cancelled, and
+  no process is left.
 * A garbage SLURM variable in a batch environment fails the constructor at
   once with a ``ValueError`` naming the variable.
 
@@ -28,7 +32,8 @@ import psutil
 import pytest
 
 from sulis_executor import SulisDaskExecutor
-from tests.waiting import alive_after
+from tests import executor_tasks as tasks
+from tests.waiting import alive_after, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DUMPS = REPO / "tests" / "data" / "slurm_env"
@@ -218,6 +223,35 @@ def test_a_worker_whose_launcher_died_before_it_started_exits_at_once() -> None:
 
 
 # --- garbage SLURM variables ----------------------------------------------
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("method", ["terminate_workers", "kill_workers"])
+def test_terminating_or_killing_the_workers_ends_them_at_once_even_mid_call(
+        tmp_path: Path, method: str) -> None:
+    from concurrent.futures.process import BrokenProcessPool
+
+    started = tmp_path / "started"
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    with SulisDaskExecutor(max_workers=2) as ex:
+        workers = set(ex.client.run(os.getpid).values())
+        running = [ex.submit(tasks.append_line_then_sleep, str(started), str(i), 600) for i in range(2)]
+        wait_until(lambda: started.exists() and len(started.read_text().split()) == 2,
+                   what="both long calls to start")
+        waiting = [ex.submit(tasks.square, i) for i in range(8)]
+        getattr(ex, method)()
+        for future in running:
+            with pytest.raises(BrokenProcessPool, match=rf"by {method}\(\)"):
+                future.result(timeout=10)
+        # Calls no worker had started never run: cancelled, or failed with the pool.
+        for future in waiting:
+            assert future.cancelled() or isinstance(future.exception(timeout=10), BrokenProcessPool)
+        assert any(future.cancelled() for future in waiting)
+        with pytest.raises(RuntimeError):
+            ex.submit(tasks.square, 1)
+        assert alive_after(workers, timeout=20) == []
+    left = {child.pid for child in psutil.Process().children(recursive=True)} - before
+    assert alive_after(left, timeout=20) == []
+
 
 def batch_environment() -> dict[str, str]:
     """A real batch script's environment (3 nodes x 2 tasks), captured on the

@@ -44,6 +44,9 @@ logger = logging.getLogger("sulis_executor")
 MAX_QUICK_DEATHS = 5
 QUICK_DEATH = 5.0
 STARTUP_FAILURE_CODES = (1, 2)
+#: Seconds that workers sent a signal by ``signal_all`` (terminate_workers)
+#: have to exit before ``close`` kills them.
+SIGNALLED_GRACE = 1.0
 
 
 def worker_args(scheduler: str, name: str, extra: Sequence[str] = ()) -> list[str]:
@@ -78,6 +81,7 @@ class WorkerProcesses:
         self._greeting: bytes | None = None
         self._lock = threading.Lock()
         self._closing = False
+        self._signalled = False
         self._procs: list[WorkerProcess | None] = [None] * slots
         self._threads = [
             threading.Thread(target=self._supervise, args=(slot,), daemon=True,
@@ -161,6 +165,20 @@ class WorkerProcesses:
                 return
             logger.info("worker in slot %d exited with %s; starting a new one", slot, returncode)
 
+    def signal_all(self, signum: int) -> None:
+        """Send ``signum`` to every live worker, and start no new ones.
+        ``close`` then gives them only ``SIGNALLED_GRACE`` seconds: a worker
+        closes cleanly on SIGTERM, but only once its running task ends."""
+        with self._lock:
+            self._closing = True
+            self._signalled = True
+            procs = [p for p in self._procs if p is not None and p.poll() is None]
+        for proc in procs:
+            try:
+                proc.send_signal(signum)
+            except OSError:  # exited since
+                pass
+
     def close(self, timeout: float) -> None:
         """SIGTERM every worker, then SIGKILL what is left after ``timeout``."""
         with self._lock:
@@ -181,7 +199,7 @@ class WorkerProcesses:
                     proc.send_signal(signal.SIGTERM)
                 except OSError:
                     pass
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (min(timeout, SIGNALLED_GRACE) if self._signalled else timeout)
         for proc in procs:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))

@@ -49,5 +49,11 @@ class Launcher(abc.ABC):
     def close(self, timeout: float) -> None:
         """Stop what :meth:`start` started; safe to call more than once."""
 
+    def signal_workers(self, signum: int) -> bool:
+        """Send ``signum`` to every worker process this launcher started, and
+        start no new ones. ``False`` when it started none it may signal:
+        workers someone else runs, or MPI ranks, whose death ends the job."""
+        return False
+
     def dashboard_link(self) -> str | None:
         return None

@@ -93,6 +93,11 @@ class LocalLauncher(Launcher):
     def worker_pids(self) -> list[int]:
         return self._workers.pids() if self._workers is not None else []
 
+    def signal_workers(self, signum: int) -> bool:
+        if self._workers is not None:
+            self._workers.signal_all(signum)
+        return True
+
     def close(self, timeout: float) -> None:
         workers, self._workers = self._workers, None
         if workers is not None:

@@ -48,7 +48,7 @@ from ..config import ExecutorOptions
 from ..errors import ClusterStartupTimeout
 from ..slurm import SlurmAllocation
 from ._network import scheduler_host
-from ._processes import pythonpath_env
+from ._processes import SIGNALLED_GRACE, pythonpath_env
 from ._resources import worker_flags
 from .base import Cluster, Launcher
 
@@ -176,6 +176,9 @@ class SrunLauncher(Launcher):
         self._stderr_thread: threading.Thread | None = None
         self._closed = False
         self._sigterm_installed = False
+        # Set once we signal the workers ourselves (terminate_workers):
+        # srun's reports of the tasks it kills are then no news.
+        self._signalled = False
 
     # -- SIGTERM ----------------------------------------------------------
 
@@ -280,6 +283,8 @@ class SrunLauncher(Launcher):
         for raw in iter(self._proc.stderr.readline, b""):
             line = raw.decode(errors="replace")
             self._stderr_tail.append(line.rstrip("\n"))
+            if self._signalled and line.startswith("srun: "):
+                continue
             try:
                 sys.stderr.write(line)
             except (OSError, ValueError):
@@ -317,6 +322,25 @@ class SrunLauncher(Launcher):
             time.sleep(0.05)
 
     # -- close ------------------------------------------------------------
+
+    def signal_workers(self, signum: int) -> bool:
+        """Signal the step's tasks through SLURM (``scancel --signal``); if
+        the step cannot be found, signal srun, which passes a SIGTERM on to
+        them and, killed itself, has SLURM end the step."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return True
+        self._signalled = True
+        steps = self._step_ids()
+        for step in steps:
+            try:
+                subprocess.run(["scancel", "--quiet", f"--signal={signal.Signals(signum).name[3:]}", step],
+                               capture_output=True, timeout=10, check=False)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+        if not steps:
+            proc.send_signal(signum)
+        return True
 
     def _step_ids(self) -> list[str]:
         """``jobid.stepid`` of our step, found by its unique name."""
@@ -375,17 +399,22 @@ class SrunLauncher(Launcher):
     def _stop_step(self, proc: subprocess.Popen[bytes], deadline: float) -> None:
         """Wait for the step to end; past a share of the deadline, cancel it."""
         graceful = max(1.0, (deadline - time.monotonic()) * 0.6)
+        if self._signalled:  # terminate_workers(): a worker mid-call gets no longer
+            graceful = SIGNALLED_GRACE
         try:
             proc.wait(graceful)
             return
         except subprocess.TimeoutExpired:
             pass
         steps = self._step_ids()
-        logger.warning("workers of %s did not stop within %.1f s; cancelling step %s",
-                       self.step_name, graceful, ", ".join(steps) or "(not found)")
+        if not self._signalled:
+            logger.warning("workers of %s did not stop within %.1f s; cancelling step %s",
+                           self.step_name, graceful, ", ".join(steps) or "(not found)")
         for step in steps:
             try:
-                subprocess.run(["scancel", step], capture_output=True, timeout=10, check=False)
+                # Signalled already: SIGKILL now, not SLURM's SIGTERM, KillWait, SIGKILL.
+                subprocess.run(["scancel", *(["--signal=KILL"] if self._signalled else []), step],
+                               capture_output=True, timeout=10, check=False)
             except (OSError, subprocess.TimeoutExpired):
                 pass
         if not steps and proc.poll() is None:

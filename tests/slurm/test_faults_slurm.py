@@ -18,9 +18,12 @@
     ends, and the batch script goes on;
   - the job reaching its time limit (``--time=1``, SLURM's smallest): the
     script unwinds through ``finally`` and nothing of the job remains.
+* ``kill_workers()`` in srun mode, mid-call: SLURM kills the step's tasks,
+  the running call fails as a broken pool, the script goes on and ends
+  cleanly, and srun's reports of the tasks it killed are not shown.
 
 All jobs are submitted at once by the module fixture and run side by side
-(13 of the cluster's 12 CPUs, so one may wait a moment in the queue).
+(14 of the cluster's 12 CPUs, so one may wait a moment in the queue).
 """
 
 from __future__ import annotations
@@ -207,6 +210,54 @@ steps_gone
 exit $status
 '''
 
+# -- srun mode: kill_workers() mid-call ----------------------------------------
+
+KILLED = '''
+import json, os, time
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from sulis_executor import SulisDaskExecutor
+
+STARTED = Path("started").resolve()
+
+def stay():
+    STARTED.touch()
+    time.sleep(600)
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)  # every node is this machine
+    except ProcessLookupError:
+        return False
+    return True
+
+def within(seconds, condition):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return bool(condition())
+
+with SulisDaskExecutor() as ex:
+    workers = sorted(ex.client.run(os.getpid).values())
+    running = ex.submit(stay)
+    assert within(60, STARTED.exists)
+    ex.kill_workers()
+    try:
+        running.result(timeout=30)
+        outcome = "no error"
+    except BrokenProcessPool as error:
+        outcome = str(error)
+    gone = within(30, lambda: not any(alive(pid) for pid in workers))
+print("RESULT " + json.dumps({"outcome": outcome, "workers": workers, "gone": gone}), flush=True)
+'''
+
+KILLED_JOB = STEPS_GONE + '''
+"$PYTHON" killed.py
+status=$?
+steps_gone
+exit $status
+'''
+
 JOBS = {
     # name -> (python file name, python source, batch body, shape, mpi)
     "node_loss": ("node_loss.py", NODE_LOSS,
@@ -218,6 +269,7 @@ JOBS = {
     "sigterm_script": ("sigtermed.py", SIGTERMED, SIGTERMED_JOB, shape(2, 1)),
     # SLURM's smallest time limit is a minute; it then sends SIGTERM, as scancel.
     "time_limit": ("sigtermed.py", SIGTERMED, SIGTERMED_JOB, (*shape(1, 1), "--time=1")),
+    "kill_workers": ("killed.py", KILLED, KILLED_JOB, shape(1, 1)),
 }
 
 
@@ -331,3 +383,15 @@ def test_reaching_the_time_limit_shuts_the_executor_down_and_leaves_nothing(
     assert_no_processes_left(job)
     assert lines_starting(job, "FINALLY"), job.describe()  # the script unwound
     assert "Traceback" not in job.text(), job.describe()
+
+
+def test_kill_workers_in_an_srun_job_ends_the_step_at_once_and_fails_its_running_call(
+        submitted: dict[str, Job]) -> None:
+    job = wait_for_job(submitted["kill_workers"], timeout=150)
+    assert_clean_success(job)
+    assert_no_processes_left(job)
+    r = result_line(job)
+    assert "killed by kill_workers()" in str(r["outcome"]), job.describe()
+    assert len(r["workers"]) == 1 and r["gone"] is True, job.describe()  # type: ignore[arg-type]
+    assert lines_starting(job, "STEPS_GONE"), job.describe()
+    assert "srun: " not in job.text(), job.describe()
