@@ -189,3 +189,13 @@ def result_line(job: Job) -> dict[str, object]:
 def assert_clean_success(job: Job) -> None:
     assert job.state == "COMPLETED" and job.exit_code == "0:0", job.describe()
     assert "Traceback" not in job.text(), job.describe()
+
+
+def finished_cleanly(job: Job, timeout: float = 150.0,
+                     wait: Callable[[Job, float], Job] = wait_for_job) -> Job:
+    """Wait for ``job``: it must complete with status 0, print no traceback,
+    and leave no process behind."""
+    wait(job, timeout)
+    assert_clean_success(job)
+    assert_no_processes_left(job)
+    return job

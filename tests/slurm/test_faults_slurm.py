@@ -40,8 +40,8 @@ import pytest
 
 from tests.slurm.jobs import (
     Job,
-    assert_clean_success,
     assert_no_processes_left,
+    finished_cleanly,
     poll_job,
     result_line,
     submit,
@@ -297,9 +297,7 @@ def wait_for_line(job: Job, pattern: str, timeout: float) -> re.Match[str]:
 
 def test_tls_refuses_strangers_and_a_lost_node_loses_no_result(
         submitted: dict[str, Job]) -> None:
-    job = wait_for_job(submitted["node_loss"], timeout=150)
-    assert_clean_success(job)
-    assert_no_processes_left(job)
+    job = finished_cleanly(submitted["node_loss"])
     r = result_line(job)
     # No one else let in: both attempts raised, promptly.
     assert str(r["address"]).startswith("tls://"), job.describe()
@@ -387,9 +385,7 @@ def test_reaching_the_time_limit_shuts_the_executor_down_and_leaves_nothing(
 
 def test_kill_workers_in_an_srun_job_ends_the_step_at_once_and_fails_its_running_call(
         submitted: dict[str, Job]) -> None:
-    job = wait_for_job(submitted["kill_workers"], timeout=150)
-    assert_clean_success(job)
-    assert_no_processes_left(job)
+    job = finished_cleanly(submitted["kill_workers"])
     r = result_line(job)
     assert "killed by kill_workers()" in str(r["outcome"]), job.describe()
     assert len(r["workers"]) == 1 and r["gone"] is True, job.describe()  # type: ignore[arg-type]

@@ -19,8 +19,7 @@ from tests.slurm.jobs import (
     EXAMPLES,
     JOB_SHAPE,
     Job,
-    assert_clean_success,
-    assert_no_processes_left,
+    finished_cleanly,
     result_line,
     submit,
     wait_for_job,
@@ -51,11 +50,7 @@ def submitted(slurm_conf: str, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def finished(submitted: dict[str, Job], name: str) -> Job:
-    wait = wait_for_mpi_job if name == "mpi" else wait_for_job
-    job = wait(submitted[name], timeout=150)
-    assert_clean_success(job)
-    assert_no_processes_left(job)
-    return job
+    return finished_cleanly(submitted[name], wait=wait_for_mpi_job if name == "mpi" else wait_for_job)
 
 
 def test_srun_mode_uses_every_task(submitted: dict[str, Job]) -> None:

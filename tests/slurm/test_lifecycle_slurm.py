@@ -23,11 +23,10 @@ from tests.slurm.jobs import (
     JOB_SHAPE,
     REPO,
     Job,
-    assert_clean_success,
     assert_no_processes_left,
+    finished_cleanly,
     result_line,
     submit,
-    wait_for_job,
     wait_for_mpi_job,
 )
 
@@ -103,9 +102,7 @@ def submitted(slurm_conf: str, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 def test_srun_step_ends_with_the_executor_and_early_exit_is_reported(
         submitted: dict[str, Job]) -> None:
-    job = wait_for_job(submitted["srun"], timeout=150)
-    assert_clean_success(job)
-    assert_no_processes_left(job)
+    job = finished_cleanly(submitted["srun"])
     result = result_line(job)
     assert result["ok"] is True and result["workers"] == 6, job.describe()
     assert result["steps_while_open"] == 1, job.describe()

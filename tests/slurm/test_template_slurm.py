@@ -13,12 +13,10 @@ import pytest
 
 from tests.slurm.jobs import (
     REPO,
-    assert_clean_success,
-    assert_no_processes_left,
+    finished_cleanly,
     job_env,
     result_line,
     submit,
-    wait_for_job,
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
@@ -61,9 +59,7 @@ def test_template_runs_as_a_job(mode: str, launch_mode: str, slurm_conf: str,
         env=env, capture_output=True, text=True, check=False, timeout=60, cwd=REPO,
     )
     assert result.returncode == 0, result.stderr
-    job = wait_for_job(submit(batch, tmp_path, slurm_conf), timeout=150)
-    assert_clean_success(job)
-    assert_no_processes_left(job)
+    job = finished_cleanly(submit(batch, tmp_path, slurm_conf))
     assert result_line(job) == {"mode": launch_mode, "workers": 6, "ok": True}, job.describe()
     # The progress bar in the job's output file: plain lines, final count.
     assert "\r" not in job.text(), job.describe()
