@@ -408,8 +408,9 @@ class SulisDaskExecutor(Executor):
 
     def terminate_workers(self) -> None:
         """Terminate every worker process now (SIGTERM; SIGKILL for those
-        still there a few seconds later), as ``ProcessPoolExecutor`` does
-        since Python 3.14, and shut down without waiting.
+        still there a second later, since a worker closes on SIGTERM only
+        once its running call ends), as ``ProcessPoolExecutor`` does since
+        Python 3.14, and shut down without waiting.
 
         Calls not yet started are cancelled, and those running fail with
         :class:`BrokenSulisExecutor` (a ``BrokenProcessPool``). Only workers
