@@ -105,8 +105,42 @@ def _kill_tree(proc):
             child.kill()
 
 
+#: MPICH's ranks share memory through files here; ranks killed at the
+#: timeout leave theirs behind (3 MB each).
+SHM = Path("/dev/shm")
+
+
+def _mpich_segments():
+    return set(SHM.glob("mpich_shm_*")) if SHM.is_dir() else set()
+
+
+def _remove_orphaned_segments(paths):
+    """Unlink those of ``paths`` that no process has open or mapped."""
+    if not paths:
+        return
+    in_use = set()
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):
+            in_use.update(m.path for m in proc.memory_maps(grouped=True))
+            in_use.update(f.path for f in proc.open_files())
+    for path in paths:
+        if str(path) not in in_use:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
 def run_child(executor, case, n, workers, timeout):
     """One measurement in a fresh process (group); returns its record."""
+    if not executor.startswith("mpi4py"):
+        return _run_child(executor, case, n, workers, timeout)
+    before = _mpich_segments()
+    try:
+        return _run_child(executor, case, n, workers, timeout)
+    finally:
+        _remove_orphaned_segments(_mpich_segments() - before)
+
+
+def _run_child(executor, case, n, workers, timeout):
     args = ["-m", "benchmarks.cases", executor, case, str(n), str(workers)]
     if executor.startswith("mpi4py"):
         mpiexec = _mpiexec()

@@ -30,3 +30,15 @@ def test_quick_benchmark_runs_every_executor_and_writes_its_report(tmp_path):
     for executor in ("SulisDaskExecutor", "ProcessPoolExecutor", "mpi4py"):
         assert executor in table
     assert (tmp_path / "throughput.png").stat().st_size > 0
+
+
+@pytest.mark.timeout(60)
+def test_an_mpi4py_run_killed_at_its_timeout_leaves_no_shared_memory_behind():
+    from benchmarks.run import _mpich_segments, run_child
+
+    before = _mpich_segments()
+    # 200 sleeps of 50 ms on 2 ranks take 5 s: killed mid-run, with MPICH's
+    # shared memory in use.
+    record = run_child("mpi4py", "sleep", 200, 2, timeout=3)
+    assert record["status"] == "timeout", record
+    assert _mpich_segments() - before == set()
