@@ -121,19 +121,38 @@ class Call:
     which must happen exactly once per future.
     """
 
-    __slots__ = ("future", "kind", "body", "notified", "batch", "first_index")
+    __slots__ = ("future", "kind", "body", "notified", "batch", "first_index", "timing")
 
-    def __init__(self, kind: str, body: Any, first_index: int = 0) -> None:
+    def __init__(self, kind: str, body: Any, first_index: int = 0,
+                 timing: ChunkTiming | None = None) -> None:
         self.future: Future[Any] = Future()
         self.kind = kind
         self.body = body
         self.notified = False
         self.batch: Batch | None = None
         self.first_index = first_index
+        # Set for the chunks of a map with an explicit chunksize: those
+        # measured short travel together (see _take_batch_locked).
+        self.timing = timing
+
+
+class ChunkTiming:
+    """Seconds per chunk, as measured so far, of one ``map`` whose chunks
+    may travel together; each ``map`` times its own, since another's
+    chunks, even of the same function, may take far longer."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+
+    def observe(self, seconds: float) -> None:
+        self.seconds = seconds if self.seconds is None else 0.7 * self.seconds + 0.3 * seconds
 
 
 class Batch:
-    """One cluster task: several submitted calls, or one map chunk."""
+    """One cluster task: several submitted calls, or map chunks (one, or
+    several of an explicit ``chunksize``)."""
 
     __slots__ = ("batch_id", "kind", "calls", "dask_future", "name", "shared_keys")
 
@@ -299,12 +318,14 @@ class Engine:
         self._enqueue([call])
         return call.future
 
-    def submit_chunks(self, fn: Any, chunks: list[tuple[list[Any], int]], star: bool) -> list[Future[Any]]:
+    def submit_chunks(self, fn: Any, chunks: list[tuple[list[Any], int]], star: bool,
+                      timing: ChunkTiming | None = None) -> list[Future[Any]]:
         """Run ``fn`` over each ``(chunk, index of its first item)``
-        (``fn(*item)`` if ``star``), each chunk as one task; they are sent
+        (``fn(*item)`` if ``star``), each chunk as one task, or, given the
+        map's ``timing``, several short ones as one task; they are sent
         together. Each result is ``((values, error), seconds)``: see
         ``_remote.run_batch``."""
-        calls = [Call(_remote.CHUNK, (fn, chunk, star), first) for chunk, first in chunks]
+        calls = [Call(_remote.CHUNK, (fn, chunk, star), first, timing) for chunk, first in chunks]
         self._enqueue(calls)
         return [call.future for call in calls]
 
@@ -356,9 +377,9 @@ class Engine:
         self._refresh_capacity()
         return max(1, self._capacity // 2)
 
-    def _batch_size(self, queued: int) -> int:
-        """How many submitted calls go in the next batch."""
-        per_call = self._seconds_per_call
+    def _batch_size(self, queued: int, per_call: float | None) -> int:
+        """How many submitted calls (or chunks of one map) go in the next
+        batch, each measured to take ``per_call`` seconds."""
         if per_call is None or self._one_call_per_task:
             return 1  # nothing measured yet: calls may be long, so spread them
         by_time = int(TARGET_BATCH_SECONDS / max(per_call, 1e-7))
@@ -374,16 +395,17 @@ class Engine:
         limit = None
         while self._queue:
             call = self._queue[0]
-            if calls and (call.kind == _remote.CHUNK or calls[0].kind == _remote.CHUNK):
+            if calls and not (call.kind == calls[0].kind and call.timing is calls[0].timing):
                 break
             self._queue.popleft()
             if not self._notify_locked(call):
                 continue  # cancelled while queued
             calls.append(call)
-            if call.kind == _remote.CHUNK:
-                break
+            if call.kind == _remote.CHUNK and call.timing is None:
+                break  # sized to keep a worker busy on its own (see _map)
             if limit is None:
-                limit = self._batch_size(len(self._queue) + 1)
+                per_call = self._seconds_per_call if call.timing is None else call.timing.seconds
+                limit = self._batch_size(len(self._queue) + 1, per_call)
             if len(calls) >= limit:
                 break
         return calls
@@ -685,7 +707,15 @@ class Engine:
             self._settle(batch, self.broken_error())
             return
         if batch.kind == _remote.CHUNK:
-            self._set(batch.calls[0], (outcomes, seconds))
+            if len(batch.calls) == 1:
+                results = [(outcomes, seconds)]
+            else:  # each chunk's result pickled on its own (see _remote._run_chunks)
+                results = [cloudpickle.loads(value) for _, value in outcomes]
+            timing = batch.calls[0].timing
+            if timing is not None:
+                timing.observe(seconds / len(results))
+            for call, result in zip(batch.calls, results):
+                self._set(call, result)
             return
         per_call = seconds / max(1, len(outcomes))
         previous = self._seconds_per_call
@@ -778,7 +808,8 @@ class Engine:
         futures = {id(future) for group in groups for future in group}
         with self._lock:
             keys = [batch_id for batch_id, batch in self._in_flight.items()
-                    if batch.kind == _remote.CHUNK and id(batch.calls[0].future) in futures]
+                    if batch.kind == _remote.CHUNK
+                    and all(id(call.future) in futures for call in batch.calls)]
         if not keys or self._scheduler_lost():
             return
         # A task whose graph is still on its way cannot be cancelled yet (nor

@@ -12,8 +12,11 @@ Two things make ``map`` fast on Dask, where a task costs about 2 ms:
   so the threads finish together (see ``ChunkSizer.next_size``). An
   explicit ``chunksize`` is honoured exactly.
 * **A bounded window.** Only ``buffersize`` chunks (by default four per worker
-  thread) are submitted and not yet yielded; the next one is submitted as
-  each completes. Inputs are read lazily, so a ``map`` over ten million items,
+  thread, or with an explicit ``chunksize`` enough for 100,000 items, up to
+  10,000 chunks) are submitted and not yet yielded; the next one is submitted
+  as each completes. Chunks of an explicit ``chunksize`` that measure short
+  travel to the cluster several to a task, as submitted calls do (each still
+  runs, and is pickled, on its own). Inputs are read lazily, so a ``map`` over ten million items,
   or an infinite generator, runs in bounded memory.
 """
 
@@ -41,6 +44,20 @@ MIN_CHUNK_SECONDS = 0.01
 MAX_CHUNK_ITEMS = 200_000
 #: Default window: chunks submitted and not yet yielded, per worker thread.
 WINDOW_PER_THREAD = 4
+#: With an explicit ``chunksize``, the default window holds at least this
+#: many items (but at most ``MAX_WINDOW_CHUNKS`` chunks): short chunks then
+#: travel to the cluster several to a task, which needs a queue of them.
+WINDOW_ITEMS = 100_000
+MAX_WINDOW_CHUNKS = 10_000
+
+
+def default_window(threads: int, chunksize: int | None) -> int:
+    """Chunks in flight when ``buffersize`` is not given; ``chunksize`` is
+    ``None`` when left to the executor."""
+    window = WINDOW_PER_THREAD * threads
+    if chunksize is None:
+        return window
+    return max(window, min(MAX_WINDOW_CHUNKS, WINDOW_ITEMS // chunksize))
 
 
 class AutoChunksize(int):

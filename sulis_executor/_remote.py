@@ -290,6 +290,8 @@ def _run_batch(kind: str, payload: bytes, token: str, has_initializer: bool,
     parts = _shared.loads(payload, shared)
     started = time.perf_counter()
     if kind == CHUNK:
+        if len(parts) > 1:
+            return _run_chunks(parts, started)
         ((fn, items, star),) = parts
         return _run_chunk(fn, items, star, started)
     outcomes: list[Any] = []
@@ -299,6 +301,14 @@ def _run_batch(kind: str, payload: bytes, token: str, has_initializer: bool,
         except BaseException as error:
             outcomes.append(_error_outcome(error))
     return _dumps_outcomes(outcomes, time.perf_counter() - started)
+
+
+def _run_chunks(parts: list[Any], started: float) -> bytes:
+    """Several short chunks of an explicit ``chunksize``, each run (and its
+    result pickled) as if it had come alone; return
+    ``pickle(([(OK, chunk result), ...], seconds))``, as for calls."""
+    results = [(OK, _run_chunk(fn, items, star, time.perf_counter())) for fn, items, star in parts]
+    return cloudpickle.dumps((results, time.perf_counter() - started))
 
 
 def _run_chunk(fn: Any, items: list[Any], star: bool, started: float) -> bytes:

@@ -15,11 +15,11 @@ from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
 from . import _remote
-from ._engine import Engine
+from ._engine import ChunkTiming, Engine
 from ._map import (
     AUTO_CHUNKSIZE,
-    WINDOW_PER_THREAD,
     ChunkSizer,
+    default_window,
     items_hint,
     ordered_results,
 )
@@ -367,12 +367,15 @@ class SulisDaskExecutor(Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             with executor._shutdown_lock:
                 executor._check_usable()
-            return engine.submit_chunks(fn, chunks, star)
+            return engine.submit_chunks(fn, chunks, star, timing)
 
         fixed = None if chunksize is AUTO_CHUNKSIZE else chunksize
+        # Chunks of the caller's size may travel together once measured
+        # short; automatic ones are sized to keep a worker busy alone.
+        timing = None if fixed is None else ChunkTiming()
         total = items_hint(iterables)
         sizer = ChunkSizer(fixed, lambda: engine.threads, total)
-        window = buffersize if buffersize is not None else WINDOW_PER_THREAD * engine.threads
+        window = buffersize if buffersize is not None else default_window(engine.threads, fixed)
         results = ordered_results(fn, iterables, sizer, window, submit_chunks, end_time, engine.abandon_chunks)
         if progress:
             from ._progress import progress as show_progress

@@ -113,3 +113,11 @@ def numpy_global_random() -> float:
     import numpy
 
     return float(numpy.random.random())
+
+
+def current_task_key(_: object = None, delay: float = 0.0) -> str:
+    """The key of the Dask task running this call (after ``delay`` seconds)."""
+    from distributed import get_worker
+
+    time.sleep(delay)
+    return str(get_worker().get_current_task())

@@ -245,6 +245,23 @@ def test_map_delivers_results_up_to_the_first_exception_then_raises_it(executor,
     assert "fail_on" in str(info.value.__cause__)
 
 
+def test_items_of_one_chunk_arrive_as_one_object_and_chunks_apart(executor):
+    # The same list as every item grows within a chunk and starts afresh in
+    # the next, also for short chunks, which travel to the cluster together.
+    same = []
+    counts = list(executor.map(h.append_and_count, [same] * 900, itertools.repeat(0), chunksize=3))
+    assert counts == [1, 2, 3] * 300
+
+
+def test_map_with_a_small_chunksize_raises_a_late_error_at_its_chunk(executor):
+    results = []
+    with pytest.raises(h.ContractError, match="item 700 failed"):
+        for r in executor.map(h.fail_on, range(900), itertools.repeat(700), chunksize=3):
+            results.append(r)
+    assert results == list(range(len(results)))
+    assert 700 - 700 % 3 <= len(results) <= 700
+
+
 def test_map_rejects_a_chunksize_below_one(executor):
     with pytest.raises(ValueError):
         executor.map(h.square, range(3), chunksize=0)

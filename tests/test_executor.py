@@ -89,6 +89,16 @@ def test_unpicklable_result_names_its_type(shared_executor):
     assert "the result, of type" in str(error) and "lock" in str(error)
 
 
+def test_short_chunks_of_an_explicit_chunksize_travel_together_long_ones_alone(shared_executor):
+    keys = list(shared_executor.map(tasks.current_task_key, range(3000), chunksize=3))
+    chunks = [keys[i:i + 3] for i in range(0, 3000, 3)]
+    assert all(len(set(chunk)) == 1 for chunk in chunks)  # a chunk never splits
+    assert len(set(keys)) < len(chunks) / 4  # many chunks to a task
+    # 50 ms calls one to a chunk: each chunk a task, so none waits behind another.
+    keys = list(shared_executor.map(tasks.current_task_key, range(12), [0.05] * 12, chunksize=1))
+    assert len(set(keys)) == 12
+
+
 def test_unpicklable_map_item_names_the_item(shared_executor):
     items = [1, 2, 3, threading.Lock(), 5]
     results = shared_executor.map(tasks.pid_of_worker, items, chunksize=10)
