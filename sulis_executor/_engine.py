@@ -124,7 +124,7 @@ class Call:
     __slots__ = ("future", "kind", "body", "notified", "batch", "first_index", "timing")
 
     def __init__(self, kind: str, body: Any, first_index: int = 0,
-                 timing: ChunkTiming | None = None) -> None:
+                 timing: CallTiming | None = None) -> None:
         self.future: Future[Any] = Future()
         self.kind = kind
         self.body = body
@@ -136,10 +136,11 @@ class Call:
         self.timing = timing
 
 
-class ChunkTiming:
-    """Seconds per chunk, as measured so far, of one ``map`` whose chunks
-    may travel together; each ``map`` times its own, since another's
-    chunks, even of the same function, may take far longer."""
+class CallTiming:
+    """Seconds per call on a worker, as measured so far (an exponential
+    average), which sizes batches: the engine keeps one for submitted calls,
+    and each ``map`` whose chunks may travel together keeps its own, since
+    another's chunks, even of the same function, may take far longer."""
 
     __slots__ = ("seconds",)
 
@@ -285,7 +286,7 @@ class Engine:
         self._closed = False
         self._close_lock = threading.Lock()
         # Measured seconds per submitted call on a worker (exponential average).
-        self._seconds_per_call: float | None = None
+        self._call_timing = CallTiming()
         # max_tasks_per_child counts submitted calls, so each is its own task.
         self._one_call_per_task = one_call_per_task
         self._capacity = 2
@@ -319,7 +320,7 @@ class Engine:
         return call.future
 
     def submit_chunks(self, fn: Any, chunks: list[tuple[list[Any], int]], star: bool,
-                      timing: ChunkTiming | None = None) -> list[Future[Any]]:
+                      timing: CallTiming | None = None) -> list[Future[Any]]:
         """Run ``fn`` over each ``(chunk, index of its first item)``
         (``fn(*item)`` if ``star``), each chunk as one task, or, given the
         map's ``timing``, several short ones as one task; they are sent
@@ -404,8 +405,7 @@ class Engine:
             if call.kind == _remote.CHUNK and call.timing is None:
                 break  # sized to keep a worker busy on its own (see _map)
             if limit is None:
-                per_call = self._seconds_per_call if call.timing is None else call.timing.seconds
-                limit = self._batch_size(len(self._queue) + 1, per_call)
+                limit = self._batch_size(len(self._queue) + 1, (call.timing or self._call_timing).seconds)
             if len(calls) >= limit:
                 break
         return calls
@@ -717,9 +717,7 @@ class Engine:
             for call, result in zip(batch.calls, results):
                 self._set(call, result)
             return
-        per_call = seconds / max(1, len(outcomes))
-        previous = self._seconds_per_call
-        self._seconds_per_call = per_call if previous is None else 0.7 * previous + 0.3 * per_call
+        self._call_timing.observe(seconds / max(1, len(outcomes)))
         for call, outcome in zip(batch.calls, outcomes):
             if outcome[0] == _remote.OK:
                 self._set(call, outcome[1])

@@ -16,8 +16,8 @@ Two things make ``map`` fast on Dask, where a task costs about 2 ms:
   10,000 chunks) are submitted and not yet yielded; the next one is submitted
   as each completes. Chunks of an explicit ``chunksize`` that measure short
   travel to the cluster several to a task, as submitted calls do (each still
-  runs, and is pickled, on its own). Inputs are read lazily, so a ``map`` over ten million items,
-  or an infinite generator, runs in bounded memory.
+  runs, and is pickled, on its own). Inputs are read lazily, so a ``map``
+  over ten million items, or an infinite generator, runs in bounded memory.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
 from . import _remote
-from ._engine import ChunkTiming, Engine
+from ._engine import CallTiming, Engine
 from ._map import (
     AUTO_CHUNKSIZE,
     ChunkSizer,
@@ -372,7 +372,7 @@ class SulisDaskExecutor(Executor):
         fixed = None if chunksize is AUTO_CHUNKSIZE else chunksize
         # Chunks of the caller's size may travel together once measured
         # short; automatic ones are sized to keep a worker busy alone.
-        timing = None if fixed is None else ChunkTiming()
+        timing = None if fixed is None else CallTiming()
         total = items_hint(iterables)
         sizer = ChunkSizer(fixed, lambda: engine.threads, total)
         window = buffersize if buffersize is not None else default_window(engine.threads, fixed)
