@@ -12,7 +12,10 @@ from __future__ import annotations
 import os
 import threading
 
+import psutil
 import pytest
+
+from tests.waiting import alive
 
 _STRIPPED_PREFIXES = ("SLURM_", "SULIS_EXECUTOR_", "DASK_", "PMI_", "OMPI_", "MPICH_", "HYDRA_")
 
@@ -64,6 +67,16 @@ def shared_executor(scheduler_address, cluster_security):
     ex = SulisDaskExecutor(address=scheduler_address, security=cluster_security, wait_for_workers=2)
     yield ex
     ex.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture
+def no_process_left():
+    """Fail if the test leaves a child process of its own behind (the
+    session's shared cluster, if any, was there before)."""
+    before = {child.pid for child in psutil.Process().children(recursive=True)}
+    yield
+    left = alive({child.pid for child in psutil.Process().children(recursive=True)} - before)
+    assert not left, f"processes left behind: {[psutil.Process(p).cmdline() for p in left]}"
 
 
 @pytest.fixture(autouse=True)

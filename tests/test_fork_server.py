@@ -43,18 +43,6 @@ def parents(pids: set[int]) -> set[int]:
     return {psutil.Process(pid).ppid() for pid in pids}
 
 
-@pytest.fixture
-def no_process_left():
-    """Fail if the test leaves a child process of its own behind (the
-    session's shared cluster, if any, was there before)."""
-    before = {child.pid for child in psutil.Process().children(recursive=True)}
-    yield
-    left = alive({child.pid for child in psutil.Process().children(recursive=True)} - before)
-    assert not left, f"processes left behind: {[psutil.Process(p).cmdline() for p in left]}"
-
-
-
-
 def test_workers_are_forked_from_one_fork_server_started_by_the_client() -> None:
     with SulisDaskExecutor(max_workers=2) as ex:
         workers = worker_pids(ex)
