@@ -331,16 +331,20 @@ class SrunLauncher(Launcher):
         if proc is None or proc.poll() is not None:
             return True
         self._signalled = True
+        if not self._scancel("--quiet", f"--signal={signal.Signals(signum).name[3:]}"):
+            proc.send_signal(signum)
+        return True
+
+    def _scancel(self, *flags: str) -> list[str]:
+        """Run ``scancel`` with ``flags`` on our step; return the step ids
+        found (none if squeue did not answer)."""
         steps = self._step_ids()
         for step in steps:
             try:
-                subprocess.run(["scancel", "--quiet", f"--signal={signal.Signals(signum).name[3:]}", step],
-                               capture_output=True, timeout=10, check=False)
+                subprocess.run(["scancel", *flags, step], capture_output=True, timeout=10, check=False)
             except (OSError, subprocess.TimeoutExpired):
                 pass
-        if not steps:
-            proc.send_signal(signum)
-        return True
+        return steps
 
     def _step_ids(self) -> list[str]:
         """``jobid.stepid`` of our step, found by its unique name."""
@@ -406,17 +410,11 @@ class SrunLauncher(Launcher):
             return
         except subprocess.TimeoutExpired:
             pass
-        steps = self._step_ids()
+        # Signalled already: SIGKILL now, not SLURM's SIGTERM, KillWait, SIGKILL.
+        steps = self._scancel(*(["--signal=KILL"] if self._signalled else []))
         if not self._signalled:
-            logger.warning("workers of %s did not stop within %.1f s; cancelling step %s",
+            logger.warning("workers of %s did not stop within %.1f s; cancelled step %s",
                            self.step_name, graceful, ", ".join(steps) or "(not found)")
-        for step in steps:
-            try:
-                # Signalled already: SIGKILL now, not SLURM's SIGTERM, KillWait, SIGKILL.
-                subprocess.run(["scancel", *(["--signal=KILL"] if self._signalled else []), step],
-                               capture_output=True, timeout=10, check=False)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
         if not steps and proc.poll() is None:
             # No squeue answer: srun aborts the step itself on SIGTERM.
             proc.send_signal(signal.SIGTERM)
