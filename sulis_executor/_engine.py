@@ -46,10 +46,16 @@ from .errors import (
     UnpicklableError,
     WorkerDiedError,
 )
+from .launchers._scheduler import Handout
 
 logger = logging.getLogger("sulis_executor")
 
+#: An answer to a parked runner: ``(worker, runner, batch or None)``.
+Answer = tuple[str, str, "Handout | None"]
+
 _STOP = object()
+#: Wakes the collector, which then sends what there is room for.
+_WAKE = object()
 
 
 def _in_event_loop() -> bool:
@@ -65,11 +71,25 @@ def _in_event_loop() -> bool:
 class _Pushed:
     """A result a worker pushed (see ``_remote.send_back``), for the collector."""
 
-    __slots__ = ("key", "payload")
+    __slots__ = ("key", "payload", "failed")
 
-    def __init__(self, key: str, payload: bytes) -> None:
+    def __init__(self, key: str, payload: bytes, failed: bool = False) -> None:
         self.key = key
         self.payload = payload
+        # The payload is the error running the batch raised, as a pickled
+        # outcome (see _remote.run_pulled).
+        self.failed = failed
+
+
+class _Settle:
+    """A note to the collector: fail these batches with this error (kept off
+    the scheduler's event loop, where done callbacks must not run)."""
+
+    __slots__ = ("batches", "error")
+
+    def __init__(self, batches: list[Batch], error: BaseException) -> None:
+        self.batches = batches
+        self.error = error
 
 
 class _Withdraw:
@@ -106,6 +126,10 @@ WITHDRAW_TIMEOUT = 2.0
 
 #: How often an idle collector checks that the scheduler is still there.
 SCHEDULER_CHECK_INTERVAL = 0.5
+
+#: How long a runner with nothing to do waits for more work before its task
+#: ends (see Engine.hand_out); a new runner costs a scheduler round trip.
+RUNNER_LINGER = 0.05
 
 #: How long the collector waits for results it was told are ready before
 #: treating them as lost with a worker and waiting for Dask to recompute them.
@@ -155,7 +179,8 @@ class Batch:
     """One cluster task: several submitted calls, or map chunks (one, or
     several of an explicit ``chunksize``)."""
 
-    __slots__ = ("batch_id", "kind", "calls", "dask_future", "name", "shared_keys")
+    __slots__ = ("batch_id", "kind", "calls", "dask_future", "name", "shared_keys", "payload",
+                 "deaths")
 
     def __init__(self, batch_id: str, kind: str, calls: list[Call], name: str) -> None:
         self.batch_id = batch_id
@@ -164,6 +189,10 @@ class Batch:
         self.dask_future: Any = None
         self.name = name
         self.shared_keys: list[str] = []
+        # Batches handed to runners (see _pull_locked): their pickled calls,
+        # and how many workers died running them.
+        self.payload: bytes | None = None
+        self.deaths = 0
 
 
 def rebuild_exception(error: BaseException, tb: str) -> BaseException:
@@ -269,7 +298,8 @@ class Engine:
 
     def __init__(self, client: Any, launcher: Any, token: str, has_initializer: bool,
                  direct_to_workers: bool = False, shared_directory: str | None = None,
-                 results_pushed: bool = False, one_call_per_task: bool = False) -> None:
+                 results_pushed: bool = False, one_call_per_task: bool = False,
+                 scheduler: Any = None) -> None:
         self.client = client
         self.launcher = launcher
         self.token = token
@@ -307,6 +337,22 @@ class Engine:
         if results_pushed and isinstance(handlers, dict):
             handlers[_remote.RESULT_OP] = self._on_pushed
             self._push = True
+        # Map chunks handed to runners on request, when the scheduler runs in
+        # this process (see _remote.run_pulled): those ready to go, and what
+        # each runner (by task key) is running, on which worker.
+        self._ready: collections.deque[Batch] = collections.deque()
+        self._running: dict[str, tuple[str, str]] = {}
+        self._runners: dict[str, Any] = {}
+        # Runners waiting for work (see hand_out), and on which worker.
+        self._parked: dict[str, str] = {}
+        self._scheduler: Any = scheduler if self._push and not one_call_per_task else None
+        if self._scheduler is not None:
+            import dask.config
+
+            from .launchers._scheduler import register_feeder
+
+            self._allowed_failures = int(dask.config.get("distributed.scheduler.allowed-failures", 3))
+            register_feeder(token, self)
         self._collector = threading.Thread(
             target=self._collect_loop, name=f"sulis-executor-results-{token[:8]}", daemon=True
         )
@@ -434,7 +480,10 @@ class Engine:
                 if batches:
                     self._send(batches)
         finally:
-            self._send_lock.release()
+            try:
+                self._start_runners()
+            finally:
+                self._send_lock.release()
         # Work may have been queued while we held the send lock and returned.
         with self._lock:
             more = bool(self._queue) and len(self._in_flight) < self._capacity
@@ -463,6 +512,19 @@ class Engine:
         with self._lock:
             for batch, _ in prepared:
                 self._in_flight[batch.batch_id] = batch
+            pulled = [(batch, payload) for batch, (payload, shared) in prepared
+                      if self._pullable(batch, shared)]
+            for batch, payload in pulled:
+                batch.payload = payload
+            handed = self._make_ready_locked([batch for batch, _ in pulled])
+            if len(pulled) < len(prepared):
+                # Tasks need worker threads that parked runners would hold.
+                handed += self._end_all_parked_locked()
+        self._send_handouts(handed)
+        if pulled:
+            prepared = [entry for entry in prepared if entry[0].payload is None]
+            if not prepared:
+                return
         tasks = []
         for batch, (payload, shared) in prepared:
             reply_to = (self.client.id, batch.batch_id) if self._push else None
@@ -489,6 +551,197 @@ class Engine:
         for (batch, _), dask_future in zip(prepared, dask_futures):
             batch.dask_future = dask_future
             dask_future.add_done_callback(self._done.put)
+
+    # -- runners: batches on request -------------------------------------
+
+    def _pullable(self, batch: Batch, shared: list[Any]) -> bool:
+        """Whether a runner may take this batch: any batch, when the
+        scheduler runs in this process, but one with shared buffers, which
+        it needs as Dask dependencies, so it goes as a task of its own."""
+        return self._scheduler is not None and not shared
+
+    def _make_ready_locked(self, batches: list[Batch]) -> list[Answer]:
+        """Queue batches for the runners; hand what it can to those parked
+        waiting for work. Returns ``(worker, runner, handout)`` to send."""
+        self._ready.extend(batches)
+        return self._hand_parked_locked()
+
+    def _hand_parked_locked(self) -> list[Answer]:
+        handed: list[Answer] = []
+        while self._parked and self._ready:
+            batch = self._ready.popleft()
+            if batch.batch_id not in self._in_flight:
+                continue  # withdrawn, or settled
+            runner, worker = self._parked.popitem()
+            self._running[runner] = (worker, batch.batch_id)
+            handed.append((worker, runner, self._handout(batch)))
+        return handed
+
+    @staticmethod
+    def _handout(batch: Batch) -> Handout:
+        assert batch.payload is not None
+        return batch.batch_id, batch.kind, batch.payload
+
+    def _send_handouts(self, handed: list[Answer]) -> None:
+        """Send runners their batches (or ``None``), on the scheduler's loop."""
+        if not handed:
+            return
+        from .launchers._scheduler import send_handout
+
+        scheduler, token = self._scheduler, self.token
+
+        def send() -> None:
+            for worker, runner, handout in handed:
+                send_handout(scheduler, worker, token, runner, handout)
+
+        scheduler.loop.add_callback(send)
+
+    def _start_runners(self) -> None:
+        """Start runner tasks for the ready batches, up to one per thread."""
+        if self._scheduler is None:
+            return
+        with self._lock:
+            if self.broken is not None or self._closed:
+                return
+            threads = max(1, self._capacity // 2)
+            wanted = min(threads, len(self._ready) + len(self._running)) - len(self._runners)
+            keys = [f"sulis-runner-{uuid.uuid4().hex[:12]}" for _ in range(max(0, wanted))]
+            for key in keys:
+                self._runners[key] = None
+        if not keys:
+            return
+        try:
+            futures = submit_queued(self.client, _remote.run_pulled,
+                                    [(key, (self.token, self.token, self.has_initializer)) for key in keys])
+        except Exception:
+            logger.debug("could not start runners", exc_info=True)
+            with self._lock:
+                for key in keys:
+                    self._runners.pop(key, None)
+            return
+        with self._lock:
+            for key, future in zip(keys, futures):
+                if key in self._runners:  # else it has ended already
+                    self._runners[key] = future
+        for future in futures:
+            future.add_done_callback(self._done.put)
+
+    def hand_out(self, worker: str, runner: str, key: str | None, payload: bytes | None,
+                 failed: bool = False, more: bool = True) -> Handout | None:
+        """A runner's request for its next batch (unless not ``more``), with
+        the result of its last (``key``), or the error running it raised
+        (``failed``): called on the scheduler's event loop, in this process.
+
+        With no batch ready, the runner waits (``PARKED``) for up to
+        ``RUNNER_LINGER`` seconds, so that work coming soon after (the next
+        chunks of a map, or the next map) needs no new runner task."""
+        from .launchers._scheduler import PARKED
+
+        if key is not None:
+            self._done.put(_Pushed(key, payload or b"", failed))
+        with self._lock:
+            self._running.pop(runner, None)
+            while self._ready and more and self.broken is None and not self._closed:
+                batch = self._ready.popleft()
+                if batch.batch_id in self._in_flight:  # else withdrawn, or settled
+                    self._running[runner] = (worker, batch.batch_id)
+                    return self._handout(batch)
+            if more and self.broken is None and not self._closed and runner in self._runners:
+                self._parked[runner] = worker
+                self._scheduler.loop.call_later(RUNNER_LINGER, self._end_parked, runner)
+                return PARKED  # type: ignore[no-any-return]
+            # The runner ends: count it out now, so that work coming in the
+            # meantime starts runners of its own instead of waiting for this
+            # one's task to be reported done.
+            self._runners.pop(runner, None)
+        return None
+
+    def _end_parked(self, runner: str) -> None:
+        """A parked runner found no work in time: end it (on the scheduler's loop)."""
+        with self._lock:
+            worker = self._parked.pop(runner, None)
+            if worker is None:
+                return  # it was given work
+            self._runners.pop(runner, None)
+        self._send_handouts([(worker, runner, None)])
+
+    def _end_all_parked_locked(self) -> list[Answer]:
+        ended: list[Answer] = [
+            (worker, runner, None) for runner, worker in self._parked.items()]
+        for runner in self._parked:
+            self._runners.pop(runner, None)
+        self._parked.clear()
+        return ended
+
+    def handout_returned(self, key: str) -> None:
+        """A batch reached a runner that had gone (on the scheduler's loop):
+        it goes to another."""
+        with self._lock:
+            for runner, (_, batch_id) in list(self._running.items()):
+                if batch_id == key:
+                    del self._running[runner]
+            batch = self._in_flight.get(key)
+            if batch is not None:
+                self._ready.appendleft(batch)
+            handed = self._hand_parked_locked()
+        self._send_handouts(handed)
+        self._done.put(_WAKE)  # the collector starts a runner for it, if need be
+
+    def worker_lost(self, worker: str) -> None:
+        """A worker left the cluster (on the scheduler's event loop): the
+        batches its runners were running go to other runners, as Dask runs a
+        task again elsewhere, unless workers died running them more often
+        than Dask allows a task (``distributed.scheduler.allowed-failures``)."""
+        died = []
+        with self._lock:
+            for runner, where in list(self._parked.items()):
+                if where == worker:
+                    del self._parked[runner]
+                    self._runners.pop(runner, None)
+            for runner, (where, batch_id) in list(self._running.items()):
+                if where != worker:
+                    continue
+                del self._running[runner]
+                batch = self._in_flight.get(batch_id)
+                if batch is None:
+                    continue
+                batch.deaths += 1
+                if batch.deaths > self._allowed_failures:
+                    del self._in_flight[batch_id]
+                    died.append(batch)
+                else:
+                    self._ready.appendleft(batch)
+            handed = self._hand_parked_locked()
+        self._send_handouts(handed)
+        for batch in died:
+            self._done.put(_Settle([batch], self._died_error(batch)))
+        self._done.put(_WAKE)  # the collector starts runners for what was put back
+
+    def _runner_ended(self, dask_future: Any) -> None:
+        """A runner's task ended. One that ends holding a batch failed (Dask
+        gave up on it, or a bug): so does the batch, rather than go round
+        again."""
+        with self._lock:
+            self._runners.pop(dask_future.key, None)
+            self._parked.pop(dask_future.key, None)
+            held = self._running.pop(dask_future.key, None)
+            batch = self._in_flight.pop(held[1], None) if held else None
+        if batch is not None:
+            error: BaseException = BrokenSulisExecutor(f"the task running {batch.name} ended unexpectedly")
+            if dask_future.status == "error":
+                error = self._failure_of(dask_future, batch)
+            self._settle(batch, error)
+        dask_future.release()
+
+    def _died_error(self, batch: Batch, cause: BaseException | None = None) -> WorkerDiedError:
+        died = WorkerDiedError(
+            f"task {batch.batch_id} (calling {batch.name}) failed because the worker "
+            f"process running it died, on every one of Dask's attempts (see "
+            f"distributed.scheduler.allowed-failures). A call that crashes its "
+            f"process (os._exit, a segfault, running out of memory) does this."
+        )
+        died.__cause__ = cause
+        return died
 
     def _prepare(self, calls: list[Call]) -> tuple[Batch, tuple[Any, list[Any]]] | None:
         """A batch of these calls and its pickled payload; ``None`` if none
@@ -553,12 +806,17 @@ class Engine:
             stop = any(item is _STOP for item in items)
             withdraw = [item.futures for item in items if isinstance(item, _Withdraw)]
             pushed = [item for item in items if isinstance(item, _Pushed)]
+            settle = [item for item in items if isinstance(item, _Settle)]
             try:
                 # Pushed results first: each arrives before its task's end.
                 for item in pushed:
                     self._deliver_pushed(item)
+                for note in settle:
+                    for batch in note.batches:
+                        self._settle(batch, note.error)
                 self._collect([item for item in items
-                               if item is not _STOP and not isinstance(item, (_Withdraw, _Pushed))])
+                               if item is not _STOP and item is not _WAKE
+                               and not isinstance(item, (_Withdraw, _Pushed, _Settle))])
                 if withdraw:
                     self._withdraw(withdraw)
             except Exception:  # never let the collector die: futures would hang
@@ -580,7 +838,16 @@ class Engine:
         # the result nor, should the worker die, runs the calls again.
         if batch.dask_future is not None:
             batch.dask_future.release()
-        self._deliver(batch, pushed.payload)
+        if pushed.failed:
+            try:
+                _, error, tb = cloudpickle.loads(pushed.payload)
+                error = rebuild_exception(error, tb)
+            except Exception as unreadable:
+                error = BrokenSulisExecutor(f"a worker failed running {batch.name}, with an error "
+                                            f"that cannot be unpickled here: {unreadable}")
+            self._settle(batch, error)
+        else:
+            self._deliver(batch, pushed.payload)
         self._shared.done(batch.shared_keys)
 
     def _scheduler_lost(self) -> bool:
@@ -602,6 +869,13 @@ class Engine:
         if any(f.status == "cancelled" for f in dask_futures):
             # Only the client cancels our tasks, when the scheduler is gone.
             self._check_scheduler()
+        with self._lock:
+            runners = [f for f in dask_futures if f.key in self._runners]
+        if runners:
+            for dask_future in runners:
+                self._runner_ended(dask_future)
+            ended = {id(f) for f in runners}
+            dask_futures = [f for f in dask_futures if id(f) not in ended]
         pairs: list[tuple[Any, Batch]] = []
         with self._lock:
             for dask_future in dask_futures:
@@ -680,14 +954,7 @@ class Engine:
             except Exception as inner:
                 error = inner
             if isinstance(error, KilledWorker):
-                died = WorkerDiedError(
-                    f"task {batch.batch_id} (calling {batch.name}) failed because the worker "
-                    f"process running it died, on every one of Dask's attempts (see "
-                    f"distributed.scheduler.allowed-failures). A call that crashes its "
-                    f"process (os._exit, a segfault, running out of memory) does this."
-                )
-                died.__cause__ = error
-                return died
+                return self._died_error(batch, error)
             return error if isinstance(error, BaseException) else BrokenSulisExecutor(str(error))
         if dask_future.status == "cancelled" and self._closed:
             return CancelledError()
@@ -762,8 +1029,12 @@ class Engine:
             self._broken_tb = tb
             batches = list(self._in_flight.values())
             self._in_flight.clear()
+            self._ready.clear()
+            self._running.clear()
+            ended = self._end_all_parked_locked()
             queued = list(self._queue)
             self._queue.clear()
+        self._send_handouts(ended)
         error = self.broken_error()
         for batch in batches:
             self._settle(batch, error)
@@ -808,7 +1079,17 @@ class Engine:
             keys = [batch_id for batch_id, batch in self._in_flight.items()
                     if batch.kind == _remote.CHUNK
                     and all(id(call.future) in futures for call in batch.calls)]
+            # Batches for runners: those not handed out yet are withdrawn
+            # here; those a runner has are running.
+            running = {batch_id for _, batch_id in self._running.values()}
+            ready = [self._in_flight.pop(key) for key in keys
+                     if self._in_flight[key].payload is not None and key not in running]
+            keys = [key for key in keys if key in self._in_flight and self._in_flight[key].payload is None]
+        for batch in ready:
+            self._settle(batch, CancelledError())
         if not keys or self._scheduler_lost():
+            if ready:
+                self._pump()
             return
         # A task whose graph is still on its way cannot be cancelled yet (nor
         # released: the scheduler takes a graph in asynchronously), so ask
@@ -866,8 +1147,16 @@ class Engine:
         with self._lock:
             batches = list(self._in_flight.values())
             self._in_flight.clear()
+            self._ready.clear()
+            self._running.clear()
+            ended = self._end_all_parked_locked()
             queued = list(self._queue)
             self._queue.clear()
+        if self._scheduler is not None:
+            self._send_handouts(ended)
+            from .launchers._scheduler import unregister_feeder
+
+            unregister_feeder(self.token)
         for call in queued:
             call.future.cancel()
         for batch in batches:

@@ -13,6 +13,7 @@ Dask's retry logic for what it is good at, workers that die.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 import traceback
@@ -35,6 +36,15 @@ RESULT_OP = "sulis-executor-result"
 #: Results up to this size are pushed that way; larger ones wait for the
 #: client to fetch them, as Dask's results do.
 PUSH_LIMIT = 1_000_000
+
+#: The stream messages of runners (see ``run_pulled``): a runner's request for
+#: its next batch, with its last batch's result, goes to the scheduler; the
+#: batch, or ``None`` when there is none, comes back.
+PULL_OP = "sulis-executor-pull"
+HANDOUT_OP = "sulis-executor-handout"
+#: How long a runner waits for an answer before ending (the scheduler, in the
+#: executor's process, is gone).
+PULL_TIMEOUT = 60.0
 
 # Batch kinds: independent calls (each gets an outcome), or one function
 # mapped over a chunk of argument tuples (stops at the first error, as the
@@ -237,15 +247,7 @@ def send_back(reply_to: tuple[str, str] | None, result: bytes) -> bytes:
 
     client, key = reply_to
     worker = get_worker()
-    message = {"op": RESULT_OP, "client": client, "key": key, "payload": result}
-
-    def send() -> None:  # on the worker's event loop, which owns the stream
-        try:
-            worker.batched_stream.send(message)
-        except Exception:  # the scheduler is gone: nobody to tell
-            pass
-
-    worker.loop.add_callback(send)
+    _send_on_stream(worker, {"op": RESULT_OP, "client": client, "key": key, "payload": result})
     return result
 
 
@@ -344,3 +346,104 @@ def _run_chunk(fn: Any, items: list[Any], star: bool, started: float) -> bytes:
     else:
         error = _picklable(error)
     return cloudpickle.dumps(((values, error), seconds))
+
+
+#: The answers awaiting each runner in this worker process, by task key.
+_mailboxes: dict[str, queue.SimpleQueue[Any]] = {}
+
+
+def run_pulled(engine: str, token: str, has_initializer: bool) -> None:
+    """A runner: run the batches the executor hands out, one after another,
+    all within this one cluster task, until it is told there are none.
+
+    Each batch as a task of its own costs a scheduler round trip between
+    batches (4-13 ms here), during which the worker thread idles; asking for
+    the next batch on the worker's stream costs about 2 ms. Each request
+    carries the last batch's result, which the scheduler, in the executor's
+    process, hands straight to the executor (its ``Engine.hand_out``).
+    ``engine`` names the executor's engine there.
+    """
+    from distributed import get_worker
+    from distributed.core import Status
+
+    worker = get_worker()
+    runner = str(worker.get_current_task())
+    mailbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    _mailboxes[runner] = mailbox
+    worker.stream_handlers.setdefault(HANDOUT_OP, _receive_handout)
+    key = result = None
+    failed = False
+    try:
+        while True:
+            # A closing or paused worker (a signal, its scheduler gone, short
+            # of memory) takes no more.
+            more = worker.status == Status.running
+            _send_on_stream(worker, {"op": PULL_OP, "engine": engine, "runner": runner, "key": key,
+                                     "payload": result, "failed": failed, "more": more})
+            if not more:
+                return
+            handout = _wait_for_handout(worker, mailbox)
+            if handout is None:
+                return
+            key, kind, payload = handout
+            try:
+                result, failed = _run_batch(kind, payload, token, has_initializer, ()), False
+            except BaseException as error:  # e.g. the calls cannot be unpickled here
+                result, failed = cloudpickle.dumps(_picklable(_error_outcome(error))), True
+    finally:
+        del _mailboxes[runner]
+        # A batch handed out as this runner gave up waiting goes back.
+        while True:
+            try:
+                late = mailbox.get_nowait()
+            except queue.Empty:
+                break
+            if late is not None:
+                _return_handout(worker, engine, runner, late[0])
+
+
+def _wait_for_handout(worker: Any, mailbox: queue.SimpleQueue[Any]) -> tuple[str, str, bytes] | None:
+    """The answer to a runner's request; ``None`` if there is no batch for
+    it, or its worker stops running first (when closing, its stream to the
+    scheduler closes, and the worker waits for its threads to end)."""
+    from distributed.core import Status
+
+    deadline = time.monotonic() + PULL_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            handout: tuple[str, str, bytes] | None = mailbox.get(timeout=0.05)
+            return handout
+        except queue.Empty:
+            if worker.status != Status.running:
+                return None
+    return None
+
+
+def _receive_handout(runner: str, engine: str = "", key: str | None = None, kind: str = CHUNK,
+                     payload: bytes | None = None, **_: Any) -> None:
+    """The scheduler's answer to a runner's request (on the worker's event
+    loop): a batch, sent back if the runner has gone, or ``None``."""
+    mailbox = _mailboxes.get(runner)
+    if mailbox is not None:
+        mailbox.put(None if key is None else (key, kind, payload))
+    elif key is not None:
+        from distributed import get_worker
+
+        _return_handout(get_worker(), engine, runner, key)
+
+
+def _return_handout(worker: Any, engine: str, runner: str, key: str) -> None:
+    _send_on_stream(worker, {"op": PULL_OP, "engine": engine, "runner": runner, "key": None,
+                             "payload": None, "failed": False, "more": False, "returned": key})
+
+
+def _send_on_stream(worker: Any, message: dict[str, Any]) -> None:
+    """Send on the worker's stream to the scheduler, from any thread."""
+
+    def send() -> None:  # on the worker's event loop, which owns the stream
+        try:
+            worker.batched_stream.send(message)
+        except Exception:  # the scheduler is gone: nobody to tell
+            pass
+
+    worker.loop.add_callback(send)

@@ -28,7 +28,7 @@ from ._security import DeferredSecurity
 from .config import ExecutorOptions, resolve_options
 from .errors import BrokenSulisExecutor, ClusterStartupTimeout
 from .launchers import choose_launch_mode, make_launcher
-from .launchers._scheduler import forwards_results
+from .launchers._scheduler import forwards_results, in_process_scheduler
 from .launchers.base import Cluster
 
 __all__ = ["SulisDaskExecutor"]
@@ -242,7 +242,8 @@ class SulisDaskExecutor(Executor):
             engine = Engine(client, self._launcher, token, initializer is not None,
                             cluster.workers_reachable, cluster.shared_directory,
                             forwards_results(client, cluster.target),
-                            one_call_per_task=self._options.max_tasks_per_child is not None)
+                            one_call_per_task=self._options.max_tasks_per_child is not None,
+                            scheduler=in_process_scheduler(cluster.target))
         except BaseException:
             client.close()
             self._launcher.close(timeout=10)

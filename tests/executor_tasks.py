@@ -121,3 +121,21 @@ def current_task_key(_: object = None, delay: float = 0.0) -> str:
 
     time.sleep(delay)
     return str(get_worker().get_current_task())
+
+
+def exit_at(x: int, doomed: int) -> int:
+    """``x``, except that item ``doomed`` ends its worker process."""
+    if x == doomed:
+        os._exit(13)
+    return x
+
+
+def refuse_to_unpickle(why: str) -> None:
+    raise ValueError(f"cannot be unpickled here: {why}")
+
+
+class UnpicklesOnlyOnTheClient:
+    """Pickles anywhere; unpickling it in a worker raises ``ValueError``."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (refuse_to_unpickle, ("on purpose",))

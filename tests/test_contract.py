@@ -76,12 +76,17 @@ def make_gate(gate_dir: Path):
     return lambda: Gate(gate_dir, next(names))
 
 
-@pytest.fixture(params=["ProcessPoolExecutor", "SulisDaskExecutor"])
+@pytest.fixture(params=["ProcessPoolExecutor", "SulisDaskExecutor", "SulisDaskExecutor-local"])
 def executor(request, gate_dir: Path, scheduler_address):
+    """The reference, ours attached to the session's cluster, and ours with a
+    local cluster of its own: only a cluster whose scheduler runs in the
+    executor's process hands map chunks to runners (see ``_remote.run_pulled``)."""
     # scheduler_address: start the session cluster before any per-test thread
     # bookkeeping, even for the reference executor.
     if request.param == "ProcessPoolExecutor":
         ex = ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("forkserver"))
+    elif request.param == "SulisDaskExecutor-local":
+        ex = SulisDaskExecutor(max_workers=2)
     else:
         ex = request.getfixturevalue("shared_executor")
     yield ex
@@ -94,14 +99,19 @@ def is_sulis(ex) -> bool:
     return isinstance(ex, SulisDaskExecutor)
 
 
-@pytest.fixture
-def buffered_executor(gate_dir: Path, shared_executor):
-    """For ``buffersize`` tests: only SulisDaskExecutor, since
-    ProcessPoolExecutor gains ``buffersize`` in Python 3.14 and the suite runs
-    on older Pythons too (collected, not skipped, so CI shows no skips)."""
-    yield shared_executor
+@pytest.fixture(params=["attached", "local"])
+def buffered_executor(request, gate_dir: Path):
+    """For ``buffersize`` tests: only SulisDaskExecutor (attached to the
+    session's cluster, and with its own), since ProcessPoolExecutor gains
+    ``buffersize`` in Python 3.14 and the suite runs on older Pythons too
+    (collected, not skipped, so CI shows no skips)."""
+    if request.param == "local":
+        ex = SulisDaskExecutor(max_workers=2)
+    else:
+        ex = request.getfixturevalue("shared_executor")
+    yield ex
     (gate_dir / h.RELEASE_ALL).touch()
-    shared_executor.shutdown(wait=True, cancel_futures=True)
+    ex.shutdown(wait=True, cancel_futures=True)
 
 
 def occupy_workers(ex, make_gate) -> list[Gate]:

@@ -19,6 +19,7 @@ import sys
 import textwrap
 import threading
 import time
+import traceback
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -263,6 +264,40 @@ def test_a_map_survives_a_worker_killed_in_the_middle():
         os.kill(victim, signal.SIGKILL)
         seen += list(results)
         assert seen == list(range(150))
+
+
+def test_a_map_call_that_kills_its_worker_every_time_fails_at_its_item_as_a_broken_pool():
+    with SulisDaskExecutor(2) as ex:
+        results = ex.map(tasks.exit_at, range(6), [3] * 6)
+        assert [next(results) for _ in range(3)] == [0, 1, 2]
+        with pytest.raises(WorkerDiedError) as info:
+            next(results)
+        assert isinstance(info.value, BrokenProcessPool)
+        assert "exit_at" in str(info.value) and "died" in str(info.value)
+        assert list(ex.map(tasks.square, range(5))) == [0, 1, 4, 9, 16]
+
+
+@pytest.mark.parametrize("cluster", ["attached", "local"])
+def test_a_map_item_that_fails_to_unpickle_on_the_worker_raises_its_error_at_that_item(
+        request, cluster, scheduler_address):
+    ex = request.getfixturevalue("shared_executor") if cluster == "attached" else SulisDaskExecutor(2)
+    with ex:
+        results = ex.map(tasks.square, [1, 2, tasks.UnpicklesOnlyOnTheClient(), 4])
+        assert [next(results), next(results)] == [1, 4]
+        with pytest.raises(ValueError, match="cannot be unpickled here: on purpose") as info:
+            next(results)
+        # Where it failed, on the worker, is part of the report.
+        assert "in refuse_to_unpickle" in "".join(traceback.format_exception(info.value))
+
+
+def test_map_chunks_run_back_to_back_in_a_task_per_worker_thread():
+    # With the scheduler in the executor's process, a runner task per worker
+    # thread asks it for chunk after chunk: no scheduler round trip, nor a
+    # Dask task, per chunk.
+    with SulisDaskExecutor(2) as ex:
+        keys = list(ex.map(tasks.current_task_key, range(300), [0.005] * 300))
+    assert all(key.startswith("sulis-runner-") for key in keys)
+    assert len(set(keys)) <= 4, set(keys)
 
 
 # -- order ---------------------------------------------------------------------

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import dask.config
 
@@ -40,7 +40,7 @@ STREAM_INTERVAL = 0.001
 def _executor_streams() -> Any:
     from distributed.diagnostics.plugin import SchedulerPlugin
 
-    from .._remote import RESULT_OP
+    from .._remote import PULL_OP, RESULT_OP
 
     class ExecutorStreams(SchedulerPlugin):
         """Shorten the batching interval of each worker's and client's
@@ -57,6 +57,27 @@ def _executor_streams() -> Any:
         async def start(self, scheduler: Any) -> None:
             self._scheduler = scheduler
             scheduler.stream_handlers[RESULT_OP] = self._hold_result
+            scheduler.stream_handlers[PULL_OP] = self._hand_out
+
+        def _hand_out(self, engine: str, runner: str, key: str | None = None,
+                      payload: bytes | None = None, failed: bool = False, more: bool = True,
+                      returned: str | None = None, worker: str = "", **_: Any) -> None:
+            # A runner asks for its next batch (see _remote.run_pulled).
+            feeder = _feeders.get(engine)
+            if feeder is None:
+                send_handout(self._scheduler, worker, engine, runner, None)
+                return
+            if returned is not None:
+                feeder.handout_returned(returned)
+            # No new batch for a worker that is gone: nothing would run it.
+            more = more and worker in self._scheduler.stream_comms
+            handout = feeder.hand_out(worker, runner, key, payload, failed, more)
+            if handout is not PARKED:
+                send_handout(self._scheduler, worker, engine, runner, handout)
+
+        def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
+            for feeder in list(_feeders.values()):
+                feeder.worker_lost(worker)
 
         def _hold_result(self, client: str, key: str, payload: bytes, **_: Any) -> None:
             # A result arrives just before its task's "finished" message.
@@ -100,6 +121,62 @@ def _executor_streams() -> Any:
                 stream.interval = STREAM_INTERVAL
 
     return ExecutorStreams()
+
+
+#: A batch for a runner: its key, kind and pickled calls.
+Handout = tuple[str, str, bytes]
+#: ``Feeder.hand_out``'s answer when the runner is to wait for work.
+PARKED: Any = object()
+
+
+class Feeder(Protocol):
+    """What hands batches to runners (the executor's engine)."""
+
+    def hand_out(self, worker: str, runner: str, key: str | None, payload: bytes | None,
+                 failed: bool, more: bool) -> Handout | None: ...
+
+    def handout_returned(self, key: str) -> None: ...
+
+    def worker_lost(self, worker: str) -> None: ...
+
+
+def send_handout(scheduler: Any, worker: str, engine: str, runner: str,
+                 handout: Handout | None) -> None:
+    """Answer a runner (on the scheduler's event loop): its next batch, or
+    ``None`` to end it."""
+    from .._remote import HANDOUT_OP
+
+    stream = scheduler.stream_comms.get(worker)
+    if stream is None:
+        return  # gone: Feeder.worker_lost takes back what it had
+    key, kind, payload = handout if handout is not None else (None, None, None)
+    try:
+        stream.send({"op": HANDOUT_OP, "engine": engine, "runner": runner, "key": key,
+                     "kind": kind, "payload": payload})
+    except Exception:
+        pass
+
+
+#: The engines whose runners ask the schedulers in this process for batches.
+_feeders: dict[str, Feeder] = {}
+
+
+def register_feeder(engine: str, feeder: Feeder) -> None:
+    _feeders[engine] = feeder
+
+
+def unregister_feeder(engine: str) -> None:
+    _feeders.pop(engine, None)
+
+
+def in_process_scheduler(target: Any) -> Any:
+    """The scheduler an executor started in this process, which can hand
+    batches to runners, or ``None``."""
+    scheduler = getattr(target, "scheduler", None)
+    handlers = getattr(scheduler, "stream_handlers", None)
+    from .._remote import PULL_OP
+
+    return scheduler if isinstance(handlers, dict) and PULL_OP in handlers else None
 
 
 def forwards_results(client: Any, target: Any) -> bool:
