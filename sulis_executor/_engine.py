@@ -343,8 +343,10 @@ class Engine:
         self._ready: collections.deque[Batch] = collections.deque()
         self._running: dict[str, tuple[str, str]] = {}
         self._runners: dict[str, Any] = {}
-        # Runners waiting for work (see hand_out), and on which worker.
+        # Runners waiting for work (see hand_out), and on which worker; and
+        # how many runners are to end, each freeing a thread for a task.
         self._parked: dict[str, str] = {}
+        self._runners_to_end = 0
         self._scheduler: Any = scheduler if self._push and not one_call_per_task else None
         if self._scheduler is not None:
             import dask.config
@@ -518,8 +520,11 @@ class Engine:
                 batch.payload = payload
             handed = self._make_ready_locked([batch for batch, _ in pulled])
             if len(pulled) < len(prepared):
-                # Tasks need worker threads that parked runners would hold.
+                # Tasks need worker threads, which runners would hold as long
+                # as they find work: as many runners as there are tasks end.
                 handed += self._end_all_parked_locked()
+                self._runners_to_end = min(self._runners_to_end + len(prepared) - len(pulled),
+                                           len(self._runners))
         self._send_handouts(handed)
         if pulled:
             prepared = [entry for entry in prepared if entry[0].payload is None]
@@ -641,6 +646,9 @@ class Engine:
             self._done.put(_Pushed(key, payload or b"", failed))
         with self._lock:
             self._running.pop(runner, None)
+            if self._runners_to_end > 0 and more:
+                self._runners_to_end -= 1
+                more = False
             while self._ready and more and self.broken is None and not self._closed:
                 batch = self._ready.popleft()
                 if batch.batch_id in self._in_flight:  # else withdrawn, or settled

@@ -300,6 +300,40 @@ def test_map_chunks_run_back_to_back_in_a_task_per_worker_thread():
     assert len(set(keys)) <= 4, set(keys)
 
 
+def test_runners_wait_briefly_for_more_work_so_back_to_back_maps_share_them():
+    with SulisDaskExecutor(2) as ex:
+        first = set(ex.map(tasks.current_task_key, range(40), [0.005] * 40))
+        second = set(ex.map(tasks.current_task_key, range(40), [0.005] * 40))
+    assert first & second, (first, second)
+
+
+def test_submitted_calls_run_in_runners_too():
+    with SulisDaskExecutor(2) as ex:
+        futures = [ex.submit(tasks.current_task_key, i, 0.005) for i in range(40)]
+        keys = {f.result(timeout=30) for f in futures}
+    assert all(key.startswith("sulis-runner-") for key in keys), keys
+
+
+def test_a_call_with_a_large_argument_does_not_wait_for_a_long_map_to_end():
+    # Such a call is a Dask task (the argument is one of its dependencies),
+    # which needs a worker thread that runners, busy with the map, hold.
+    import numpy
+
+    with SulisDaskExecutor(2) as ex:
+        results = ex.map(tasks.slow_identity, range(3000), [0.005] * 3000)
+        seen: list[int] = []
+        consumer = threading.Thread(target=seen.extend, args=(results,))
+        consumer.start()
+        try:
+            wait_until(lambda: len(seen) >= 100, what="the map to be under way")
+            array = numpy.ones(500_000)  # 4 MB
+            assert ex.submit(tasks.array_sum, array).result(timeout=60) == 500_000.0
+            assert len(seen) < 3000, "the call waited for the whole map"
+        finally:
+            consumer.join(120)
+        assert seen == list(range(3000))
+
+
 # -- order ---------------------------------------------------------------------
 
 
