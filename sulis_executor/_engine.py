@@ -16,6 +16,16 @@ as one cluster task (a task costs Dask about 2 ms; a call in a batch costs a
 few microseconds). Batches grow only while measured calls are short, so
 long calls still spread one per worker.
 
+Runners. When the scheduler runs in this process (the modes in which the
+executor starts its cluster), a batch is not a Dask task of its own: it waits
+in ``_ready`` for a runner, a Dask task per worker thread that asks the
+scheduler for batch after batch on its worker's stream (``hand_out``, called
+on the scheduler's event loop), each request carrying the last batch's
+result. That saves the scheduler round trip a task costs between batches.
+What a runner holds is tracked per worker, so a batch whose worker dies goes
+to another runner, as Dask would run a task again. Batches that need Dask
+data (shared buffers) still go as tasks.
+
 The engine is kept apart from the executor object on purpose: threads and
 callbacks refer to the engine only, so an executor that is dropped can be
 garbage collected, and its finalizer shuts the engine down.

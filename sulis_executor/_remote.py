@@ -1,4 +1,5 @@
-"""What runs inside a worker process: one cluster task runs a batch of calls.
+"""What runs inside a worker process: one cluster task runs a batch of calls,
+or, as a runner (``run_pulled``), batch after batch handed out on request.
 
 A batch arrives as one payload (its calls pickled one by one, see
 ``_shared``) and leaves as one pickled payload of outcomes. Dask serialises

@@ -17,6 +17,9 @@ mpi), so they agree on the details that matter:
 * Results that tasks push on their worker's stream are forwarded to the
   client's stream when the task is done, saving the client two round trips
   to fetch each one (see ``_remote.send_back``).
+* Runners (``_remote.run_pulled``) ask it for their next batch, which the
+  executor's engine in this process hands out (``Feeder``); a worker that
+  leaves gives the batches its runners held back to the engine.
 * TLS when a ``Security`` is given, random ports only, and the HTTP
   endpoint (``/health``, and the dashboard when asked for) bound to the
   scheduler's own host, never to Dask's shared port 8787.
