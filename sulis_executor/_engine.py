@@ -609,7 +609,10 @@ class Engine:
             for worker, runner, handout in handed:
                 send_handout(scheduler, worker, token, runner, handout)
 
-        scheduler.loop.add_callback(send)
+        try:
+            scheduler.loop.add_callback(send)
+        except RuntimeError:  # the scheduler's loop is closed: no runner is left
+            pass
 
     def _start_runners(self) -> None:
         """Start runner tasks for the ready batches, up to one per thread."""

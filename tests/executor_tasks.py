@@ -139,3 +139,11 @@ class UnpicklesOnlyOnTheClient:
 
     def __reduce__(self) -> tuple[object, tuple[str]]:
         return (refuse_to_unpickle, ("on purpose",))
+
+
+def sum_of_squares_through_worker_client(n: int) -> int:
+    """Submit ``square`` over ``range(n)`` from inside a task, Dask's way."""
+    from distributed import worker_client
+
+    with worker_client() as client:
+        return sum(client.gather(client.map(square, range(n))))

@@ -314,6 +314,15 @@ def test_submitted_calls_run_in_runners_too():
     assert all(key.startswith("sulis-runner-") for key in keys), keys
 
 
+def test_calls_can_send_work_of_their_own_through_dask_worker_client():
+    # What the error for an executor passed to its own task suggests; the
+    # calls run in runners, which hand their thread over while they wait.
+    with SulisDaskExecutor(2) as ex:
+        futures = [ex.submit(tasks.sum_of_squares_through_worker_client, 10) for _ in range(4)]
+        assert [f.result(timeout=60) for f in futures] == [285] * 4
+        assert list(ex.map(tasks.sum_of_squares_through_worker_client, [3] * 10)) == [5] * 10
+
+
 def test_a_call_with_a_large_argument_does_not_wait_for_a_long_map_to_end():
     # Such a call is a Dask task (the argument is one of its dependencies),
     # which needs a worker thread that runners, busy with the map, hold.
