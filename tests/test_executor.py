@@ -290,17 +290,26 @@ def test_a_map_item_that_fails_to_unpickle_on_the_worker_raises_its_error_at_tha
         assert "in refuse_to_unpickle" in "".join(traceback.format_exception(info.value))
 
 
-def test_map_chunks_run_back_to_back_in_a_task_per_worker_thread():
+def test_map_chunks_run_back_to_back_in_a_task_per_worker_thread(monkeypatch):
     # With the scheduler in the executor's process, a runner task per worker
     # thread asks it for chunk after chunk: no scheduler round trip, nor a
-    # Dask task, per chunk.
+    # Dask task, per chunk. (Runners wait longer than usual for work here, so
+    # that a stall of this machine cannot end one mid-map.)
+    from sulis_executor import _engine
+
+    monkeypatch.setattr(_engine, "RUNNER_LINGER", 10.0)
     with SulisDaskExecutor(2) as ex:
         keys = list(ex.map(tasks.current_task_key, range(300), [0.005] * 300))
     assert all(key.startswith("sulis-runner-") for key in keys)
     assert len(set(keys)) <= 4, set(keys)
 
 
-def test_runners_wait_briefly_for_more_work_so_back_to_back_maps_share_them():
+def test_runners_wait_for_more_work_so_back_to_back_maps_share_them(monkeypatch):
+    from sulis_executor import _engine
+
+    # 50 ms by default; longer here, so that a stall of this machine between
+    # the two maps cannot end the runners.
+    monkeypatch.setattr(_engine, "RUNNER_LINGER", 10.0)
     with SulisDaskExecutor(2) as ex:
         first = set(ex.map(tasks.current_task_key, range(40), [0.005] * 40))
         second = set(ex.map(tasks.current_task_key, range(40), [0.005] * 40))
