@@ -199,8 +199,8 @@ class Batch:
         self.dask_future: Any = None
         self.name = name
         self.shared_keys: list[str] = []
-        # Batches handed to runners (see _pull_locked): their pickled calls,
-        # and how many workers died running them.
+        # Batches for runners (see Engine.hand_out): their pickled calls, and
+        # how many workers died running them.
         self.payload: bytes | None = None
         self.deaths = 0
 
@@ -347,9 +347,10 @@ class Engine:
         if results_pushed and isinstance(handlers, dict):
             handlers[_remote.RESULT_OP] = self._on_pushed
             self._push = True
-        # Map chunks handed to runners on request, when the scheduler runs in
-        # this process (see _remote.run_pulled): those ready to go, and what
-        # each runner (by task key) is running, on which worker.
+        # Batches handed to runners on request, when the scheduler runs in
+        # this process (see _remote.run_pulled): those ready to go, what each
+        # runner (by task key) is running and on which worker, and the
+        # runners' tasks.
         self._ready: collections.deque[Batch] = collections.deque()
         self._running: dict[str, tuple[str, str]] = {}
         self._runners: dict[str, Any] = {}
@@ -496,9 +497,11 @@ class Engine:
                 self._start_runners()
             finally:
                 self._send_lock.release()
-        # Work may have been queued while we held the send lock and returned.
+        # Work may have been queued (or batches put back for runners) while we
+        # held the send lock and returned.
         with self._lock:
-            more = bool(self._queue) and len(self._in_flight) < self._capacity
+            more = (bool(self._queue) and len(self._in_flight) < self._capacity
+                    or self._runners_wanted_locked() > 0)
         if more and not self._closed:
             self._pump()
 
@@ -621,9 +624,7 @@ class Engine:
         with self._lock:
             if self.broken is not None or self._closed:
                 return
-            threads = max(1, self._capacity // 2)
-            wanted = min(threads, len(self._ready) + len(self._running)) - len(self._runners)
-            keys = [f"sulis-runner-{uuid.uuid4().hex[:12]}" for _ in range(max(0, wanted))]
+            keys = [f"sulis-runner-{uuid.uuid4().hex[:12]}" for _ in range(self._runners_wanted_locked())]
             for key in keys:
                 self._runners[key] = None
         if not keys:
@@ -631,11 +632,13 @@ class Engine:
         try:
             futures = submit_queued(self.client, _remote.run_pulled,
                                     [(key, (self.token, self.token, self.has_initializer)) for key in keys])
-        except Exception:
-            logger.debug("could not start runners", exc_info=True)
+        except BaseException as error:
             with self._lock:
                 for key in keys:
                     self._runners.pop(key, None)
+            if not isinstance(error, Exception):
+                raise  # Ctrl-C in the caller's thread: the next _pump starts them
+            self.mark_broken(f"could not start work on the cluster: {error}")
             return
         with self._lock:
             for key, future in zip(keys, futures):
@@ -643,6 +646,13 @@ class Engine:
                     self._runners[key] = future
         for future in futures:
             future.add_done_callback(self._done.put)
+
+    def _runners_wanted_locked(self) -> int:
+        """How many more runners the ready batches need, one per thread at most."""
+        if self._scheduler is None or not self._ready or self.broken is not None or self._closed:
+            return 0
+        threads = max(1, self._capacity // 2)
+        return max(0, min(threads, len(self._ready) + len(self._running)) - len(self._runners))
 
     def hand_out(self, worker: str, runner: str, key: str | None, payload: bytes | None,
                  failed: bool = False, more: bool = True) -> Handout | None:
