@@ -56,7 +56,13 @@ from .errors import (
     UnpicklableError,
     WorkerDiedError,
 )
-from .launchers._scheduler import Handout
+from .launchers._scheduler import (
+    PARKED,
+    Handout,
+    register_feeder,
+    send_handout,
+    unregister_feeder,
+)
 
 logger = logging.getLogger("sulis_executor")
 
@@ -362,8 +368,6 @@ class Engine:
         if self._scheduler is not None:
             import dask.config
 
-            from .launchers._scheduler import register_feeder
-
             self._allowed_failures = int(dask.config.get("distributed.scheduler.allowed-failures", 3))
             register_feeder(token, self)
         self._collector = threading.Thread(
@@ -524,25 +528,28 @@ class Engine:
             raise
         if not prepared:
             return
+        # Batches for runners; the rest go as tasks.
+        pulled = []
+        as_tasks = []
+        for batch, (payload, shared) in prepared:
+            if self._pullable(shared):
+                batch.payload = payload
+                pulled.append(batch)
+            else:
+                as_tasks.append((batch, (payload, shared)))
         with self._lock:
             for batch, _ in prepared:
                 self._in_flight[batch.batch_id] = batch
-            pulled = [(batch, payload) for batch, (payload, shared) in prepared
-                      if self._pullable(batch, shared)]
-            for batch, payload in pulled:
-                batch.payload = payload
-            handed = self._make_ready_locked([batch for batch, _ in pulled])
-            if len(pulled) < len(prepared):
+            handed = self._make_ready_locked(pulled)
+            if as_tasks:
                 # Tasks need worker threads, which runners would hold as long
                 # as they find work: as many runners as there are tasks end.
-                handed += self._end_all_parked_locked()
-                self._runners_to_end = min(self._runners_to_end + len(prepared) - len(pulled),
-                                           len(self._runners))
+                handed += self._end_parked_locked()
+                self._runners_to_end = min(self._runners_to_end + len(as_tasks), len(self._runners))
         self._send_handouts(handed)
-        if pulled:
-            prepared = [entry for entry in prepared if entry[0].payload is None]
-            if not prepared:
-                return
+        prepared = as_tasks
+        if not prepared:
+            return
         tasks = []
         for batch, (payload, shared) in prepared:
             reply_to = (self.client.id, batch.batch_id) if self._push else None
@@ -572,10 +579,10 @@ class Engine:
 
     # -- runners: batches on request -------------------------------------
 
-    def _pullable(self, batch: Batch, shared: list[Any]) -> bool:
-        """Whether a runner may take this batch: any batch, when the
-        scheduler runs in this process, but one with shared buffers, which
-        it needs as Dask dependencies, so it goes as a task of its own."""
+    def _pullable(self, shared: list[Any]) -> bool:
+        """Whether a runner may take a batch with these shared buffers: any
+        batch, when the scheduler runs in this process, but one with shared
+        buffers, which it needs as Dask dependencies, so it goes as a task."""
         return self._scheduler is not None and not shared
 
     def _make_ready_locked(self, batches: list[Batch]) -> list[Answer]:
@@ -587,25 +594,29 @@ class Engine:
     def _hand_parked_locked(self) -> list[Answer]:
         handed: list[Answer] = []
         while self._parked and self._ready:
-            batch = self._ready.popleft()
-            if batch.batch_id not in self._in_flight:
-                continue  # withdrawn, or settled
             runner, worker = self._parked.popitem()
-            self._running[runner] = (worker, batch.batch_id)
-            handed.append((worker, runner, self._handout(batch)))
+            handout = self._take_ready_locked(worker, runner)
+            if handout is None:  # only withdrawn batches were left
+                self._parked[runner] = worker
+                break
+            handed.append((worker, runner, handout))
         return handed
 
-    @staticmethod
-    def _handout(batch: Batch) -> Handout:
-        assert batch.payload is not None
-        return batch.batch_id, batch.kind, batch.payload
+    def _take_ready_locked(self, worker: str, runner: str) -> Handout | None:
+        """Give ``runner`` the next ready batch still in flight (others were
+        withdrawn, or settled), if any."""
+        while self._ready:
+            batch = self._ready.popleft()
+            if batch.batch_id in self._in_flight:
+                self._running[runner] = (worker, batch.batch_id)
+                assert batch.payload is not None
+                return batch.batch_id, batch.kind, batch.payload
+        return None
 
     def _send_handouts(self, handed: list[Answer]) -> None:
         """Send runners their batches (or ``None``), on the scheduler's loop."""
         if not handed:
             return
-        from .launchers._scheduler import send_handout
-
         scheduler, token = self._scheduler, self.token
 
         def send() -> None:
@@ -663,8 +674,6 @@ class Engine:
         With no batch ready, the runner waits (``PARKED``) for up to
         ``RUNNER_LINGER`` seconds, so that work coming soon after (the next
         chunks of a map, or the next map) needs no new runner task."""
-        from .launchers._scheduler import PARKED
-
         if key is not None:
             self._done.put(_Pushed(key, payload or b"", failed))
         with self._lock:
@@ -672,11 +681,10 @@ class Engine:
             if self._runners_to_end > 0 and more:
                 self._runners_to_end -= 1
                 more = False
-            while self._ready and more and self.broken is None and not self._closed:
-                batch = self._ready.popleft()
-                if batch.batch_id in self._in_flight:  # else withdrawn, or settled
-                    self._running[runner] = (worker, batch.batch_id)
-                    return self._handout(batch)
+            if more and self.broken is None and not self._closed:
+                handout = self._take_ready_locked(worker, runner)
+                if handout is not None:
+                    return handout
             if more and self.broken is None and not self._closed and runner in self._runners:
                 self._parked[runner] = worker
                 self._scheduler.loop.call_later(RUNNER_LINGER, self._end_parked, runner)
@@ -696,12 +704,15 @@ class Engine:
             self._runners.pop(runner, None)
         self._send_handouts([(worker, runner, None)])
 
-    def _end_all_parked_locked(self) -> list[Answer]:
-        ended: list[Answer] = [
-            (worker, runner, None) for runner, worker in self._parked.items()]
-        for runner in self._parked:
-            self._runners.pop(runner, None)
-        self._parked.clear()
+    def _end_parked_locked(self, on_worker: str | None = None) -> list[Answer]:
+        """End the parked runners (those on ``on_worker`` only, if given):
+        the answers to send them."""
+        ended: list[Answer] = []
+        for runner, worker in list(self._parked.items()):
+            if on_worker is None or worker == on_worker:
+                del self._parked[runner]
+                self._runners.pop(runner, None)
+                ended.append((worker, runner, None))
         return ended
 
     def handout_returned(self, key: str) -> None:
@@ -725,10 +736,7 @@ class Engine:
         than Dask allows a task (``distributed.scheduler.allowed-failures``)."""
         died = []
         with self._lock:
-            for runner, where in list(self._parked.items()):
-                if where == worker:
-                    del self._parked[runner]
-                    self._runners.pop(runner, None)
+            self._end_parked_locked(worker)  # nothing to tell them: their worker is gone
             for runner, (where, batch_id) in list(self._running.items()):
                 if where != worker:
                     continue
@@ -1062,7 +1070,7 @@ class Engine:
             self._in_flight.clear()
             self._ready.clear()
             self._running.clear()
-            ended = self._end_all_parked_locked()
+            ended = self._end_parked_locked()
             queued = list(self._queue)
             self._queue.clear()
         self._send_handouts(ended)
@@ -1180,13 +1188,11 @@ class Engine:
             self._in_flight.clear()
             self._ready.clear()
             self._running.clear()
-            ended = self._end_all_parked_locked()
+            ended = self._end_parked_locked()
             queued = list(self._queue)
             self._queue.clear()
         if self._scheduler is not None:
             self._send_handouts(ended)
-            from .launchers._scheduler import unregister_feeder
-
             unregister_feeder(self.token)
         for call in queued:
             call.future.cancel()
