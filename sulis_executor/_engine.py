@@ -49,7 +49,7 @@ from typing import Any
 import cloudpickle
 
 from . import _remote
-from ._shared import SharedBuffers
+from ._shared import Pickled, SharedBuffers
 from .errors import (
     BrokenSulisExecutor,
     RemoteTraceback,
@@ -108,6 +108,17 @@ class _Settle:
         self.error = error
 
 
+class _Fetched:
+    """A note to the collector: the results of these finished tasks, fetched
+    (a payload per task), or the error fetching them raised."""
+
+    __slots__ = ("pairs", "outcome")
+
+    def __init__(self, pairs: list[tuple[Any, Batch]], outcome: Any) -> None:
+        self.pairs = pairs
+        self.outcome = outcome
+
+
 class _Withdraw:
     """A note to the collector: withdraw these map chunks from the cluster."""
 
@@ -147,9 +158,6 @@ SCHEDULER_CHECK_INTERVAL = 0.5
 #: ends (see Engine.hand_out); a new runner costs a scheduler round trip.
 RUNNER_LINGER = 0.05
 
-#: How long the collector waits for results it was told are ready before
-#: treating them as lost with a worker and waiting for Dask to recompute them.
-GATHER_TIMEOUT = 5.0
 
 
 class Call:
@@ -195,8 +203,8 @@ class Batch:
     """One cluster task: several submitted calls, or map chunks (one, or
     several of an explicit ``chunksize``)."""
 
-    __slots__ = ("batch_id", "kind", "calls", "dask_future", "name", "shared_keys", "payload",
-                 "deaths")
+    __slots__ = ("batch_id", "kind", "calls", "dask_future", "name", "shared_keys", "pickled",
+                 "deaths", "fetching")
 
     def __init__(self, batch_id: str, kind: str, calls: list[Call], name: str) -> None:
         self.batch_id = batch_id
@@ -204,11 +212,13 @@ class Batch:
         self.calls = calls
         self.dask_future: Any = None
         self.name = name
-        self.shared_keys: list[str] = []
+        self.shared_keys: tuple[str, ...] = ()
         # Batches for runners (see Engine.hand_out): their pickled calls, and
         # how many workers died running them.
-        self.payload: bytes | None = None
+        self.pickled: Pickled | None = None
         self.deaths = 0
+        # Its task finished, and its result is being fetched (Engine._fetch).
+        self.fetching = False
 
 
 def rebuild_exception(error: BaseException, tb: str) -> BaseException:
@@ -364,6 +374,8 @@ class Engine:
         # how many runners are to end, each freeing a thread for a task.
         self._parked: dict[str, str] = {}
         self._runners_to_end = 0
+        # Results being fetched (see _fetch), to cancel when closing.
+        self._fetches: set[Any] = set()
         self._scheduler: Any = scheduler if self._push and not one_call_per_task else None
         if self._scheduler is not None:
             import dask.config
@@ -531,12 +543,12 @@ class Engine:
         # Batches for runners; the rest go as tasks.
         pulled = []
         as_tasks = []
-        for batch, (payload, shared) in prepared:
-            if self._pullable(shared):
-                batch.payload = payload
+        for batch, pickled in prepared:
+            if self._pullable(pickled):
+                batch.pickled = pickled
                 pulled.append(batch)
             else:
-                as_tasks.append((batch, (payload, shared)))
+                as_tasks.append((batch, pickled))
         with self._lock:
             for batch, _ in prepared:
                 self._in_flight[batch.batch_id] = batch
@@ -551,10 +563,10 @@ class Engine:
         if not prepared:
             return
         tasks = []
-        for batch, (payload, shared) in prepared:
+        for batch, pickled in prepared:
             reply_to = (self.client.id, batch.batch_id) if self._push else None
-            tasks.append((batch.batch_id, (batch.kind, payload, self.token, self.has_initializer,
-                                           reply_to, *shared)))
+            tasks.append((batch.batch_id, (batch.kind, pickled.payload, self.token, self.has_initializer,
+                                           reply_to, *pickled.handles)))
         try:
             dask_futures = submit_queued(self.client, _remote.run_batch, tasks)
         except BaseException as error:
@@ -579,11 +591,12 @@ class Engine:
 
     # -- runners: batches on request -------------------------------------
 
-    def _pullable(self, shared: list[Any]) -> bool:
-        """Whether a runner may take a batch with these shared buffers: any
-        batch, when the scheduler runs in this process, but one with shared
-        buffers, which it needs as Dask dependencies, so it goes as a task."""
-        return self._scheduler is not None and not shared
+    def _pullable(self, pickled: Pickled) -> bool:
+        """Whether a runner may take this batch: any batch, when the
+        scheduler runs in this process, but one holding Dask data (a buffer
+        scattered through Dask), which only a task's dependencies can
+        deliver, so it goes as a task."""
+        return self._scheduler is not None and not pickled.needs_dask
 
     def _make_ready_locked(self, batches: list[Batch]) -> list[Answer]:
         """Queue batches for the runners; hand what it can to those parked
@@ -609,8 +622,8 @@ class Engine:
             batch = self._ready.popleft()
             if batch.batch_id in self._in_flight:
                 self._running[runner] = (worker, batch.batch_id)
-                assert batch.payload is not None
-                return batch.batch_id, batch.kind, batch.payload
+                assert batch.pickled is not None
+                return batch.batch_id, batch.kind, batch.pickled.payload, batch.pickled.handles
         return None
 
     def _send_handouts(self, handed: list[Answer]) -> None:
@@ -782,14 +795,14 @@ class Engine:
         died.__cause__ = cause
         return died
 
-    def _prepare(self, calls: list[Call]) -> tuple[Batch, tuple[Any, list[Any]]] | None:
+    def _prepare(self, calls: list[Call]) -> tuple[Batch, Pickled] | None:
         """A batch of these calls and its pickled payload; ``None`` if none
         of them could be pickled (those calls are failed)."""
         kind = calls[0].kind
         name = function_name(calls[0].body[0])
         batch = Batch(f"{name}-{next(self._counter)}-{uuid.uuid4().hex[:12]}", kind, calls, name)
         try:
-            payload, shared_keys, shared_futures = self._shared.dumps([c.body for c in calls])
+            pickled = self._shared.dumps([c.body for c in calls], inline_whole=self._scheduler is not None)
         except BaseException as failure:
             if not self._fails_the_call(failure):
                 raise
@@ -810,10 +823,10 @@ class Engine:
                     self._set(call, BrokenSulisExecutor(f"could not send work to the cluster: {failure}"), error=True)
                 return None
             return self._prepare(good) if good else None
-        batch.shared_keys = shared_keys
+        batch.shared_keys = pickled.keys
         for call in calls:
             call.batch = batch
-        return batch, (payload, shared_futures)
+        return batch, pickled
 
     def _fails_the_call(self, error: BaseException) -> bool:
         """Whether an error raised while pickling calls fails those calls.
@@ -846,6 +859,7 @@ class Engine:
             withdraw = [item.futures for item in items if isinstance(item, _Withdraw)]
             pushed = [item for item in items if isinstance(item, _Pushed)]
             settle = [item for item in items if isinstance(item, _Settle)]
+            fetched = [item for item in items if isinstance(item, _Fetched)]
             try:
                 # Pushed results first: each arrives before its task's end.
                 for item in pushed:
@@ -853,11 +867,15 @@ class Engine:
                 for note in settle:
                     for batch in note.batches:
                         self._settle(batch, note.error)
+                for results in fetched:
+                    self._deliver_fetched(results)
                 self._collect([item for item in items
                                if item is not _STOP and item is not _WAKE
-                               and not isinstance(item, (_Withdraw, _Pushed, _Settle))])
+                               and not isinstance(item, (_Withdraw, _Pushed, _Settle, _Fetched))])
                 if withdraw:
                     self._withdraw(withdraw)
+                # Also under steady load, when the queue is never empty for long.
+                self._shared.release_idle()
             except Exception:  # never let the collector die: futures would hang
                 logger.exception("sulis_executor: error while collecting results")
             if stop:
@@ -905,6 +923,8 @@ class Engine:
             self.mark_broken("the srun step running the workers has ended; no worker will come back")
 
     def _collect(self, dask_futures: list[Any]) -> None:
+        """Tasks (or runner tasks) that Dask reports done: settle the
+        failed ones, fetch the results of the finished ones."""
         if any(f.status == "cancelled" for f in dask_futures):
             # Only the client cancels our tasks, when the scheduler is gone.
             self._check_scheduler()
@@ -915,74 +935,80 @@ class Engine:
                 self._runner_ended(dask_future)
             ended = {id(f) for f in runners}
             dask_futures = [f for f in dask_futures if id(f) not in ended]
-        pairs: list[tuple[Any, Batch]] = []
+        finished: list[tuple[Any, Batch]] = []
+        failed: list[tuple[Any, Batch]] = []
         with self._lock:
             for dask_future in dask_futures:
-                batch = self._in_flight.pop(dask_future.key, None)
-                if batch is not None:  # None: cancelled, pushed, or settled already
-                    pairs.append((dask_future, batch))
-                else:
+                batch = self._in_flight.get(dask_future.key)
+                if batch is None:  # cancelled, pushed, or settled already
                     dask_future.release()
-        # A result lost with its worker is recomputed by Dask: keep waiting.
-        lost = [(f, b) for f, b in pairs if f.status in ("lost", "pending")]
-        finished = [(f, b) for f, b in pairs if f.status == "finished"]
-        if finished:
-            payloads = self._gather([f for f, _ in finished])
-            if payloads is None:
-                lost += finished  # gone with a dead worker since: being recomputed
-                finished = []
-            else:
-                for (_, batch), payload in zip(finished, payloads):
-                    self._deliver(batch, payload)
-        self._wait_again(lost)
-        waiting = {id(f) for f, _ in lost}
-        for dask_future, batch in pairs:
-            if id(dask_future) in waiting:
-                continue
-            if dask_future.status != "finished":
-                self._settle(batch, self._failure_of(dask_future, batch))
+                elif batch.dask_future is not dask_future or batch.fetching:
+                    continue  # told twice, or its result is on its way here
+                elif dask_future.status in ("lost", "pending"):
+                    # Lost with its worker: Dask runs it again, and says when.
+                    dask_future.add_done_callback(self._done.put)
+                elif dask_future.status == "finished":
+                    batch.fetching = True
+                    finished.append((dask_future, batch))
+                else:
+                    del self._in_flight[dask_future.key]
+                    failed.append((dask_future, batch))
+        for dask_future, batch in failed:
+            self._settle(batch, self._failure_of(dask_future, batch))
             dask_future.release()
             self._shared.done(batch.shared_keys)
+        if finished:
+            self._fetch(finished)
 
-    def _wait_again(self, pairs: list[tuple[Any, Batch]]) -> None:
-        """Put batches back in flight, to be collected when done once more."""
-        with self._lock:
-            for _, batch in pairs:
-                self._in_flight[batch.batch_id] = batch
-        for dask_future, _ in pairs:
-            dask_future.add_done_callback(self._done.put)
+    def _fetch(self, pairs: list[tuple[Any, Batch]]) -> None:
+        """Fetch finished tasks' results, without blocking the collector,
+        and for as long as it takes: a large result may take many seconds
+        to arrive, and one lost on the way (its worker died) is computed
+        again by Dask, which ``Client.gather`` waits for. The batches stay
+        in flight meanwhile, so a broken or closing executor settles them;
+        the results come back to the collector (``_Fetched``)."""
+        import asyncio
 
-    def _gather(self, dask_futures: list[Any]) -> list[Any] | None:
-        """Fetch results, each a payload or the exception fetching it raised.
-
-        ``None`` means a result was lost on the way (its worker died) and Dask
-        is recomputing it. ``Client.gather`` then waits without a deadline,
-        so it runs in a helper thread and the collector waits a bounded time.
-        """
-        attempt: Future[list[Any]] = Future()
-
-        def gather() -> None:
-            try:
-                attempt.set_result(self.client.gather(dask_futures))
-            except BaseException as error:
-                attempt.set_exception(error)
-
-        threading.Thread(target=gather, name="sulis-executor-gather", daemon=True).start()
         try:
-            return attempt.result(timeout=GATHER_TIMEOUT)
-        except TimeoutError:
-            return None
-        except Exception:
-            pass
-        results = []
-        for dask_future in dask_futures:
-            try:
-                results.append(dask_future.result(timeout=GATHER_TIMEOUT))
-            except TimeoutError:
-                return None
-            except BaseException as error:
-                results.append(error)
-        return results
+            gathering = self.client.gather([f for f, _ in pairs], asynchronous=True)
+            fetch = asyncio.run_coroutine_threadsafe(gathering, self.client.loop.asyncio_loop)
+        except Exception as error:  # the client's loop is gone: so is the scheduler
+            self._done.put(_Fetched(pairs, error))
+            return
+        with self._lock:
+            self._fetches.add(fetch)
+
+        def fetched(attempt: Any) -> None:
+            with self._lock:
+                self._fetches.discard(attempt)
+            if attempt.cancelled():
+                return  # the executor is closing, and settles what is left
+            error = attempt.exception()
+            self._done.put(_Fetched(pairs, error if error is not None else attempt.result()))
+
+        fetch.add_done_callback(fetched)
+
+    def _deliver_fetched(self, fetched: _Fetched) -> None:
+        """Settle the batches whose results were fetched (or failed to be)."""
+        with self._lock:
+            pairs = [(f, self._in_flight.pop(batch.batch_id, None)) for f, batch in fetched.pairs]
+        for (dask_future, batch), payload in zip(pairs, self._fetched_payloads(fetched)):
+            if batch is not None:  # else settled meanwhile: withdrawn, broken, closed
+                self._deliver(batch, payload)
+                self._shared.done(batch.shared_keys)
+            dask_future.release()
+
+    def _fetched_payloads(self, fetched: _Fetched) -> list[Any]:
+        """Each batch's payload, or the error that stands for it."""
+        if not isinstance(fetched.outcome, BaseException):
+            return list(fetched.outcome)
+        # The gather failed as a whole: a task failed after all (run again
+        # after its worker died, and failed), or the scheduler is gone.
+        self._check_scheduler()
+        return [self._failure_of(f, batch) if f.status != "finished" else BrokenSulisExecutor(
+                    f"could not fetch the result of {batch.name} from the cluster: "
+                    f"{type(fetched.outcome).__name__}: {fetched.outcome}")
+                for f, batch in fetched.pairs]
 
     def _failure_of(self, dask_future: Any, batch: Batch) -> BaseException:
         from distributed.scheduler import KilledWorker
@@ -1122,8 +1148,8 @@ class Engine:
             # here; those a runner has are running.
             running = {batch_id for _, batch_id in self._running.values()}
             ready = [self._in_flight.pop(key) for key in keys
-                     if self._in_flight[key].payload is not None and key not in running]
-            keys = [key for key in keys if key in self._in_flight and self._in_flight[key].payload is None]
+                     if self._in_flight[key].pickled is not None and key not in running]
+            keys = [key for key in keys if key in self._in_flight and self._in_flight[key].pickled is None]
         for batch in ready:
             self._settle(batch, CancelledError())
         if not keys or self._scheduler_lost():
@@ -1191,6 +1217,9 @@ class Engine:
             ended = self._end_parked_locked()
             queued = list(self._queue)
             self._queue.clear()
+            fetches = list(self._fetches)
+        for fetch in fetches:
+            fetch.cancel()
         if self._scheduler is not None:
             self._send_handouts(ended)
             unregister_feeder(self.token)

@@ -386,9 +386,9 @@ def run_pulled(engine: str, token: str, has_initializer: bool) -> None:
             handout = _wait_for_handout(worker, mailbox)
             if handout is None:
                 return
-            key, kind, payload = handout
+            key, kind, payload, shared = handout
             try:
-                result, failed = _run_batch(kind, payload, token, has_initializer, ()), False
+                result, failed = _run_batch(kind, payload, token, has_initializer, shared), False
             except BaseException as error:  # e.g. the calls cannot be unpickled here
                 result, failed = cloudpickle.dumps(_picklable(_error_outcome(error))), True
     finally:
@@ -403,7 +403,7 @@ def run_pulled(engine: str, token: str, has_initializer: bool) -> None:
                 _return_handout(worker, engine, runner, late[0])
 
 
-def _wait_for_handout(worker: Any, mailbox: queue.SimpleQueue[Any]) -> tuple[str, str, bytes] | None:
+def _wait_for_handout(worker: Any, mailbox: queue.SimpleQueue[Any]) -> tuple[str, str, Any, tuple[Any, ...]] | None:
     """The answer to a runner's request; ``None`` if there is no batch for
     it, or its worker stops running first (when closing, its stream to the
     scheduler closes, and the worker waits for its threads to end)."""
@@ -412,7 +412,7 @@ def _wait_for_handout(worker: Any, mailbox: queue.SimpleQueue[Any]) -> tuple[str
     deadline = time.monotonic() + PULL_TIMEOUT
     while time.monotonic() < deadline:
         try:
-            handout: tuple[str, str, bytes] | None = mailbox.get(timeout=0.05)
+            handout: tuple[str, str, Any, tuple[Any, ...]] | None = mailbox.get(timeout=0.05)
             return handout
         except queue.Empty:
             if worker.status != Status.running:
@@ -421,12 +421,12 @@ def _wait_for_handout(worker: Any, mailbox: queue.SimpleQueue[Any]) -> tuple[str
 
 
 def _receive_handout(runner: str, engine: str = "", key: str | None = None, kind: str = CHUNK,
-                     payload: bytes | None = None, **_: Any) -> None:
+                     payload: Any = None, shared: Any = (), **_: Any) -> None:
     """The scheduler's answer to a runner's request (on the worker's event
     loop): a batch, sent back if the runner has gone, or ``None``."""
     mailbox = _mailboxes.get(runner)
     if mailbox is not None:
-        mailbox.put(None if key is None else (key, kind, payload))
+        mailbox.put(None if key is None else (key, kind, payload, tuple(shared or ())))
     elif key is not None:
         from distributed import get_worker
 

@@ -147,3 +147,14 @@ def sum_of_squares_through_worker_client(n: int) -> int:
 
     with worker_client() as client:
         return sum(client.gather(client.map(square, range(n))))
+
+
+def sleep_then_size(seconds: float, data) -> int:
+    time.sleep(seconds)  # stands for work
+    return len(data)
+
+
+def shared_bytes_on_scheduler(dask_scheduler=None) -> int:
+    """Run on the scheduler: bytes held under the executor's shared keys."""
+    return sum(ts.nbytes for key, ts in dask_scheduler.tasks.items()
+               if str(key).startswith("sulis-shared-") and ts.state == "memory")

@@ -408,13 +408,13 @@ def count_fetches(ex: SulisDaskExecutor, monkeypatch: pytest.MonkeyPatch) -> lis
     Dask's way, instead of receiving them pushed by the workers."""
     fetches: list[int] = []
     engine = ex._engine
-    fetch = engine._gather
+    fetch = engine._fetch
 
-    def counting_fetch(dask_futures):
-        fetches.append(len(dask_futures))
-        return fetch(dask_futures)
+    def counting_fetch(pairs):
+        fetches.append(len(pairs))
+        return fetch(pairs)
 
-    monkeypatch.setattr(engine, "_gather", counting_fetch)
+    monkeypatch.setattr(engine, "_fetch", counting_fetch)
     return fetches
 
 
@@ -786,3 +786,125 @@ def test_a_scheduler_file_that_never_appears_fails_after_the_timeout_naming_it(t
     with pytest.raises(TimeoutError, match=str(path)):
         SulisDaskExecutor(scheduler_file=str(path), timeout=1)
     assert time.monotonic() - started < 10
+
+
+# -- size thresholds and load ---------------------------------------------------
+# A batch's form depends on its size and on what it was grouped with (calls
+# pickled inline, shared as a whole, with shared buffers; a runner or a task
+# takes it). tests/slurm/test_load_slurm.py runs the same on srun and MPI
+# clusters, where shared buffers are Dask data.
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("cluster", ["attached", "local"])
+def test_every_call_runs_whatever_its_size_and_whatever_it_is_batched_with(cluster, request, scheduler_address):
+    from tests import load_workload
+
+    ex = request.getfixturevalue("shared_executor") if cluster == "attached" else SulisDaskExecutor(2)
+    try:
+        failures = load_workload.Failures()
+        rng = __import__("random").Random(7)
+        for _ in range(2):  # a burst, then another that finds the runners and buffers of the first
+            load_workload.burst(ex, failures, rng, incs=5000, blobs=1000)
+        load_workload.boundaries(ex, failures)
+        load_workload.large_argument_during_a_long_map(ex, failures)
+    finally:
+        ex.shutdown()
+    assert {name: n for name, n in failures.counts.items() if n} == {}, failures.first
+
+
+def _shared_bytes(ex) -> int:
+    """Bytes of shared buffers the cluster holds for ``ex`` now: files in
+    its private directory on a local cluster, Dask data on the others."""
+    shared = getattr(ex._launcher, "_shared", None)
+    if shared is not None:
+        return sum(f.stat().st_size for f in Path(shared.path).iterdir())
+    return ex.client.run_on_scheduler(tasks.shared_bytes_on_scheduler)
+
+
+def _shared_bytes_while(ex, work) -> list[int]:
+    """Sample ``_shared_bytes(ex)`` while ``work()`` runs."""
+    samples: list[int] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            samples.append(_shared_bytes(ex))
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        work()
+    finally:
+        done.set()
+        sampler.join()
+    return samples
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("cluster", ["attached", "local"])
+def test_steady_work_on_fresh_large_arguments_holds_a_bounded_amount_of_them(cluster, request, monkeypatch,
+                                                                            scheduler_address):
+    # Each call has an argument of its own above the sharing threshold; the
+    # calls keep the collector busy, never idle for long. What the cluster
+    # (or /dev/shm) holds for them stays within IDLE_LIMIT plus what the
+    # batches in flight use, instead of growing with the calls.
+    import numpy
+
+    from sulis_executor import _shared
+
+    size = 2 * _shared.SHARE_THRESHOLD
+    idle_limit = 20 * size
+    monkeypatch.setattr(_shared, "IDLE_LIMIT", idle_limit, raising=False)
+    calls = 150
+    ex = request.getfixturevalue("shared_executor") if cluster == "attached" else SulisDaskExecutor(2)
+    try:
+        def work() -> None:
+            futures = [ex.submit(tasks.sleep_then_size, 0.01, numpy.frombuffer(os.urandom(size), numpy.uint8))
+                       for _ in range(calls)]
+            assert [f.result(timeout=60) for f in futures] == [size] * calls
+
+        held = _shared_bytes_while(ex, work)
+        # Batches in flight: two per worker thread, of a few calls each.
+        in_flight = 2 * 2 * 4
+        assert max(held) <= idle_limit + in_flight * size, (
+            f"held up to {max(held) / 1e6:.0f} MB of the {calls * size / 1e6:.0f} MB sent")
+        wait_until(lambda: _shared_bytes(ex) == 0, 10, "idle buffers to be released")
+    finally:
+        ex.shutdown()
+
+
+def test_a_buffer_released_while_another_batch_claims_it_is_stored_again(tmp_path, monkeypatch):
+    # Pure bookkeeping, with files only (no Dask): one thread keeps pickling
+    # batches that share one buffer while another keeps releasing idle
+    # buffers at once. A batch must never be handed a buffer that is gone.
+    from sulis_executor import _shared
+
+    monkeypatch.setattr(_shared, "IDLE_RELEASE", 0.0)
+    import numpy
+
+    buffers = _shared.SharedBuffers(client=None, directory=str(tmp_path))
+    data = numpy.zeros(_shared.SHARE_THRESHOLD, numpy.uint8)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def release() -> None:
+        while not stop.is_set():
+            buffers.release_idle()
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    try:
+        for _ in range(3000):
+            try:
+                pickled = buffers.dumps([(len, (data,), {})])
+            except BaseException as error:  # the race used to raise KeyError here
+                errors.append(error)
+                break
+            (path,) = [h.path for h in pickled.handles]
+            assert os.path.exists(path), "a batch was handed a buffer already released"
+            buffers.done(pickled.keys)
+    finally:
+        stop.set()
+        releaser.join()
+    assert errors == []

@@ -126,8 +126,10 @@ def _executor_streams() -> Any:
     return ExecutorStreams()
 
 
-#: A batch for a runner: its key, kind and pickled calls.
-Handout = tuple[str, str, bytes]
+#: A batch for a runner: its key, kind, pickled calls (``bytes``, or the file
+#: they were shared through) and the files of its shared buffers, in order
+#: (see ``_shared.Pickled``; never Dask data, which a runner cannot resolve).
+Handout = tuple[str, str, Any, tuple[Any, ...]]
 #: ``Feeder.hand_out``'s answer when the runner is to wait for work.
 PARKED: Any = object()
 
@@ -152,10 +154,10 @@ def send_handout(scheduler: Any, worker: str, engine: str, runner: str,
     stream = scheduler.stream_comms.get(worker)
     if stream is None:
         return  # gone: Feeder.worker_lost takes back what it had
-    key, kind, payload = handout if handout is not None else (None, None, None)
+    key, kind, payload, shared = handout if handout is not None else (None, None, None, ())
     try:
         stream.send({"op": HANDOUT_OP, "engine": engine, "runner": runner, "key": key,
-                     "kind": kind, "payload": payload})
+                     "kind": kind, "payload": payload, "shared": list(shared)})
     except Exception:
         pass
 
