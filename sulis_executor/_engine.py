@@ -783,6 +783,7 @@ class Engine:
             if dask_future.status == "error":
                 error = self._failure_of(dask_future, batch)
             self._settle(batch, error)
+            self._shared.done(batch.shared_keys)
         dask_future.release()
 
     def _died_error(self, batch: Batch, cause: BaseException | None = None) -> WorkerDiedError:
@@ -867,6 +868,7 @@ class Engine:
                 for note in settle:
                     for batch in note.batches:
                         self._settle(batch, note.error)
+                        self._shared.done(batch.shared_keys)
                 for results in fetched:
                     self._deliver_fetched(results)
                 self._collect([item for item in items
@@ -1103,6 +1105,7 @@ class Engine:
         error = self.broken_error()
         for batch in batches:
             self._settle(batch, error)
+            self._shared.done(batch.shared_keys)
         for call in queued:
             self._set(call, error, error=True)
         self._cancel_on_cluster(batches, "the work of a broken executor")
@@ -1152,6 +1155,7 @@ class Engine:
             keys = [key for key in keys if key in self._in_flight and self._in_flight[key].pickled is None]
         for batch in ready:
             self._settle(batch, CancelledError())
+            self._shared.done(batch.shared_keys)
         if not keys or self._scheduler_lost():
             if ready:
                 self._pump()

@@ -158,3 +158,32 @@ def shared_bytes_on_scheduler(dask_scheduler=None) -> int:
     """Run on the scheduler: bytes held under the executor's shared keys."""
     return sum(ts.nbytes for key, ts in dask_scheduler.tasks.items()
                if str(key).startswith("sulis-shared-") and ts.state == "memory")
+
+
+#: Stops process ARGV[1] once it has written 10 MB more than when this
+#: started (it is sending a result), for ARGV[2] seconds, then lets it go on.
+_STALLER = """
+import os, signal, sys, time
+pid, stall = int(sys.argv[1]), float(sys.argv[2])
+def written():
+    with open(f"/proc/{pid}/io") as io:
+        return int(next(line for line in io if line.startswith("wchar:")).split()[1])
+start, deadline = written(), time.monotonic() + 60
+while written() - start < 10_000_000:
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.002)
+os.kill(pid, signal.SIGSTOP)
+time.sleep(stall)
+os.kill(pid, signal.SIGCONT)
+"""
+
+
+def result_sent_slowly(nbytes: int, stall: float) -> bytes:
+    """A result of ``nbytes`` whose worker stops for ``stall`` seconds in
+    the middle of sending it: a fetch that takes that long, for real."""
+    import subprocess
+    import sys
+
+    subprocess.Popen([sys.executable, "-c", _STALLER, str(os.getpid()), str(stall)])
+    return b"\x01" * nbytes

@@ -433,6 +433,28 @@ def test_a_result_too_large_to_push_is_fetched(shared_executor, monkeypatch):
     assert fetches == [1]
 
 
+@pytest.mark.timeout(120)
+def test_a_result_that_takes_long_to_fetch_is_waited_for_not_fetched_again(shared_executor, monkeypatch):
+    # 200 MB, fetched (too large to push); its worker stops for 12 s in the
+    # middle of sending it. The fetch waits: one fetch, no thread left over
+    # per attempt, the result whole.
+    fetches = count_fetches(shared_executor, monkeypatch)
+    ours_before = {t.ident for t in threading.enumerate() if t.name.startswith("sulis-executor")}
+    peak = [0]
+
+    def count_ours() -> bool:
+        ours = [t for t in threading.enumerate()
+                if t.name.startswith("sulis-executor") and t.ident not in ours_before]
+        peak[0] = max(peak[0], len(ours))
+        return future.done()
+
+    future = shared_executor.submit(tasks.result_sent_slowly, 200_000_000, 12.0)
+    wait_until(count_ours, 90, "the slow result")
+    assert future.result() == b"\x01" * 200_000_000
+    assert fetches == [1]
+    assert peak[0] == 0, f"{peak[0]} threads were started to wait for the fetch"
+
+
 def test_a_scheduler_that_cannot_forward_results_gets_them_fetched(separate_cluster, monkeypatch):
     _, scheduler_file = separate_cluster
     with SulisDaskExecutor(scheduler_file=str(scheduler_file), wait_for_workers=1, timeout=30) as ex:
@@ -686,6 +708,40 @@ def test_local_cluster_sends_a_large_bytes_argument_as_a_private_file_too(host_e
     wait_until(lambda: not _shared_files(host_executor), what="the shared file to be removed")
 
 
+@pytest.mark.timeout(60)
+def test_map_chunks_withdrawn_unstarted_let_go_of_their_shared_files(tmp_path):
+    # Each item is large (its chunk is shared as a whole, through a file),
+    # and every item but the first waits for the release file: two chunks
+    # run, the next wait for a runner when the iterator is closed, and are
+    # withdrawn.
+    release = tmp_path / "release"
+    with SulisDaskExecutor(2) as ex:
+        results = ex.map(tasks.size_when_released, [bytes(1_500_000)] * 20, [os.devnull] + [str(release)] * 19)
+        assert next(results) == 1_500_000
+        wait_until(lambda: len(ex._engine._ready) > 0, what="chunks waiting for a runner")
+        results.close()
+        release.touch()
+        wait_until(lambda: not _shared_files(ex), what="the withdrawn chunks' files to be removed")
+
+
+@pytest.mark.timeout(60)
+def test_a_local_cluster_that_cannot_share_through_files_shares_through_dask(tmp_path):
+    # As when /dev/shm is full: writing the file fails, so the buffer is
+    # scattered through Dask, which a runner cannot read: the batch goes as
+    # a task, while runners take the rest.
+    import shutil
+
+    from tests import load_workload
+
+    with SulisDaskExecutor(2) as ex:
+        shutil.rmtree(ex._launcher._shared.path)
+        array = load_workload.array_of(1_500_000)
+        assert ex.submit(load_workload.size_of, bytes(1_500_000)).result(timeout=30) == 1_500_000
+        assert ex.submit(load_workload.size_of, array).result(timeout=30) == 1_500_000
+        assert list(ex.map(load_workload.size_of, [bytes(1_500_000), array] * 3)) == [1_500_000] * 6
+        assert list(ex.map(abs, range(-50, 0))) == list(range(50, 0, -1))
+
+
 def test_a_large_bytes_argument_arrives_whole_through_dask(shared_executor):
     data = os.urandom(3_000_000)
     futures = [shared_executor.submit(tasks.size_when_released, data, os.devnull) for _ in range(5)]
@@ -796,15 +852,21 @@ def test_a_scheduler_file_that_never_appears_fails_after_the_timeout_naming_it(t
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("cluster", ["attached", "local"])
+@pytest.mark.parametrize("cluster", ["attached", "local", "local, one call per task"])
 def test_every_call_runs_whatever_its_size_and_whatever_it_is_batched_with(cluster, request, scheduler_address):
+    import random
+
     from tests import load_workload
 
-    ex = request.getfixturevalue("shared_executor") if cluster == "attached" else SulisDaskExecutor(2)
+    if cluster == "attached":
+        ex = request.getfixturevalue("shared_executor")
+    else:  # max_tasks_per_child sends each call as a task of its own
+        ex = SulisDaskExecutor(2, max_tasks_per_child=None if cluster == "local" else 10_000)
     try:
         failures = load_workload.Failures()
-        rng = __import__("random").Random(7)
-        for _ in range(2):  # a burst, then another that finds the runners and buffers of the first
+        rng = random.Random(7)
+        for _ in range(2 if cluster != "local, one call per task" else 0):
+            # A burst, then another that finds the runners and buffers of the first.
             load_workload.burst(ex, failures, rng, incs=5000, blobs=1000)
         load_workload.boundaries(ex, failures)
         load_workload.large_argument_during_a_long_map(ex, failures)
@@ -874,37 +936,46 @@ def test_steady_work_on_fresh_large_arguments_holds_a_bounded_amount_of_them(clu
         ex.shutdown()
 
 
-def test_a_buffer_released_while_another_batch_claims_it_is_stored_again(tmp_path, monkeypatch):
-    # Pure bookkeeping, with files only (no Dask): one thread keeps pickling
-    # batches that share one buffer while another keeps releasing idle
-    # buffers at once. A batch must never be handed a buffer that is gone.
+class _ReleasingLock:
+    """A lock after each release of which idle buffers are released at once:
+    a releasing thread scheduled at the worst possible moment, every time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._releasing = False
+        self.buffers = None
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+        if self.buffers is not None and not self._releasing:
+            self._releasing = True
+            try:
+                self.buffers.release_idle()
+            finally:
+                self._releasing = False
+
+
+def test_a_buffer_idle_when_a_batch_reuses_it_is_not_released_under_it(tmp_path, monkeypatch):
+    # Pure bookkeeping, with files only (no Dask). A batch reuses a buffer
+    # that has just become idle; idle buffers are released between every
+    # two steps of pickling it. The batch must get the buffer, claimed.
+    import numpy
+
     from sulis_executor import _shared
 
     monkeypatch.setattr(_shared, "IDLE_RELEASE", 0.0)
-    import numpy
-
     buffers = _shared.SharedBuffers(client=None, directory=str(tmp_path))
     data = numpy.zeros(_shared.SHARE_THRESHOLD, numpy.uint8)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def release() -> None:
-        while not stop.is_set():
-            buffers.release_idle()
-
-    releaser = threading.Thread(target=release)
-    releaser.start()
-    try:
-        for _ in range(3000):
-            try:
-                pickled = buffers.dumps([(len, (data,), {})])
-            except BaseException as error:  # the race used to raise KeyError here
-                errors.append(error)
-                break
-            (path,) = [h.path for h in pickled.handles]
-            assert os.path.exists(path), "a batch was handed a buffer already released"
-            buffers.done(pickled.keys)
-    finally:
-        stop.set()
-        releaser.join()
-    assert errors == []
+    first = buffers.dumps([(len, (data,), {})])
+    buffers.done(first.keys)  # idle now, and still there: nothing released it yet
+    lock = buffers._lock = _ReleasingLock()
+    lock.buffers = buffers
+    again = buffers.dumps([(len, (data,), {})])  # used to raise KeyError here
+    (path,) = [handle.path for handle in again.handles]
+    assert os.path.exists(path), "the batch was handed a buffer already released"
+    buffers.done(again.keys)
+    assert not os.path.exists(path), "an idle buffer was kept past IDLE_RELEASE"
