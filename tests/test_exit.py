@@ -7,7 +7,8 @@ As with ``ProcessPoolExecutor``, run side by side wherever it behaves the same:
 * ``submit`` and ``map`` from an ``atexit`` handler, once interpreter
   shutdown has begun, raise ``RuntimeError('cannot schedule new futures
   after interpreter shutdown')`` (``ProcessPoolExecutor`` says "after
-  shutdown" there once its workers have started).
+  shutdown" there once its workers have started). Ours also refuses to
+  start a new executor then.
 * ``shutdown(wait=False)`` while a call runs, then the end of the script:
   the call completes and the script exits. Ours only: CPython skips its own
   test of this (gh-83386) for ``ProcessPoolExecutor``, which can hang there.
@@ -205,6 +206,35 @@ def test_submit_from_an_atexit_handler_raises_after_interpreter_shutdown(tmp_pat
         f"submit: RuntimeError: cannot schedule new futures after {reason}",
         f"map: RuntimeError: cannot schedule new futures after {reason}",
     ]
+    assert_clean_exit(ran)
+
+
+START_AT_EXIT = """
+def start_at_exit():
+    try:
+        late = SulisDaskExecutor(1)
+    except RuntimeError as error:
+        print(f"RuntimeError: {error}", flush=True)
+    else:
+        print("started", flush=True)
+        late.shutdown()
+
+
+if __name__ == "__main__":
+    ex = EXECUTOR
+    print(ex.submit(h.square, 3).result())
+    report_children()
+    atexit.register(start_at_exit)
+"""
+
+
+def test_an_executor_started_from_an_atexit_handler_is_refused_at_once(tmp_path):
+    """Ours only (ProcessPoolExecutor starts, then refuses every call): a
+    cluster cannot be relied on to start once Python stops its thread pools,
+    and would never be given work."""
+    ran = run_script(write_script(tmp_path, START_AT_EXIT, "SulisDaskExecutor"))
+    assert ran.lines == [
+        "9", "RuntimeError: cannot start a SulisDaskExecutor after interpreter shutdown has begun"]
     assert_clean_exit(ran)
 
 
