@@ -1,8 +1,35 @@
-"""`SulisDaskExecutor`: a `concurrent.futures.Executor` that runs on Dask."""
+"""`SulisDaskExecutor`: a `concurrent.futures.Executor` that runs on Dask.
+
+Lifetime. As with ``ProcessPoolExecutor``, work once submitted is never
+dropped. An executor's engine (its cluster) is kept by a ``_Lifetime``,
+whose users are the executor and each of its ``map`` results iterators
+still open. ``shutdown()`` refuses new work and closes the engine once every
+submitted call has settled (at once, or in a closer thread for
+``wait=False``). An executor garbage collected without ``shutdown`` only
+lets go of its engine: iterators still open go on submitting their chunks,
+futures already handed out still get their results, and the engine closes
+once no user is left and every call has settled.
+
+At interpreter exit, ``_finish_at_exit`` runs from ``threading``'s exit
+hooks, before ``concurrent.futures.thread``'s: that one makes every
+``ThreadPoolExecutor`` refuse work, which Dask needs to take a graph in or
+run a future's callbacks, so a call still waiting after it would never
+settle. Ours runs while Dask still works: from then on ``submit`` raises
+``RuntimeError('cannot schedule new futures after interpreter shutdown')``,
+and every open engine finishes its calls, without a deadline as
+``ProcessPoolExecutor`` does, then closes. Waiting cannot hang on a cluster
+that is gone: a lost scheduler breaks the engine, which fails its futures.
+Ctrl-C while waiting stops the wait: queued calls are cancelled, running
+ones fail, and the clusters close.
+"""
 
 from __future__ import annotations
 
 import atexit
+
+# Imported before our exit hook is registered, so that its own hook, which
+# stops every ThreadPoolExecutor, runs after ours (see _register_exit_hook).
+import concurrent.futures.thread  # noqa: F401
 import logging
 import os
 import signal
@@ -111,10 +138,145 @@ def _connect_error(cluster: Any, timeout: float, error: BaseException) -> Except
     )
 
 
-def _shutdown_engine(engine: Engine) -> None:
-    # Used by weakref.finalize: an executor garbage collected, or still open at
-    # interpreter exit, lets running work finish only briefly, then goes.
-    engine.close(timeout=10)
+#: Set once the interpreter has begun to exit (see _finish_at_exit).
+_interpreter_exiting = False
+#: Lifetimes whose engines are still open, closed at exit if need be.
+_open_lifetimes: set[_Lifetime] = set()
+_open_lifetimes_lock = threading.Lock()
+
+
+class _Lifetime:
+    """Who still needs an engine, and closing it once nobody does (see the
+    module docstring). Never refers to the executor, so that one can be
+    garbage collected."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        # Guards shut_down and every submission, so that none slips in after
+        # shutdown or interpreter exit has begun waiting for the work.
+        self.lock = threading.Lock()
+        self.shut_down = False
+        self.pid = os.getpid()
+        self._closed = False
+        # Held only for arithmetic, never across a call that can block or
+        # allocate: _release runs from the garbage collector, in any thread.
+        self._users_lock = threading.Lock()
+        self._users = 0
+        self._closer: threading.Thread | None = None
+        # Held while closing, so that whoever else closes waits until it is done.
+        self._closing = threading.Lock()
+        with _open_lifetimes_lock:
+            _open_lifetimes.add(self)
+        # Registered after Dask's atexit handlers, so it runs before them.
+        atexit.register(self._close_at_exit)
+
+    def check_usable(self) -> None:
+        """Raise what ``ProcessPoolExecutor.submit`` raises for new work now."""
+        if self.engine.broken is not None:
+            raise self.engine.broken_error()
+        if self.shut_down:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        if _interpreter_exiting:
+            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
+        if self._closed:  # never reached by a user: a safeguard
+            raise RuntimeError("cannot schedule new futures after shutdown")
+
+    def hold(self, user: object) -> weakref.finalize:
+        """Count ``user`` until it is garbage collected, or until the
+        finalizer returned is called, whichever comes first."""
+        with self._users_lock:
+            self._users += 1
+        release = weakref.finalize(user, self._release)
+        release.atexit = False  # interpreter exit has a hook of its own
+        return release
+
+    def _release(self) -> None:
+        # From the garbage collector too, even on Dask's event loop: must
+        # not block, so the waiting and closing happen in a thread.
+        with self._users_lock:
+            self._users -= 1
+            last = self._users == 0
+        if last:
+            self.close_when_idle()
+
+    def close_when_idle(self) -> None:
+        """Close once every call has settled, in a thread of its own (a
+        daemon: at exit, _finish_at_exit waits for the work instead)."""
+        closer = threading.Thread(target=self.finish, name="sulis-executor-shutdown", daemon=True)
+        with self._users_lock:
+            if self._closer is not None or self._closed:
+                return
+            self._closer = closer
+        closer.start()
+
+    def finish(self) -> None:
+        """Wait for every call submitted to settle, then close."""
+        self.engine.wait_idle()
+        self.close()
+
+    def close(self) -> None:
+        """Close the engine now: calls still queued are cancelled, running ones fail."""
+        with self._closing:
+            self._closed = True
+            self.engine.close(timeout=10)
+        with _open_lifetimes_lock:
+            _open_lifetimes.discard(self)
+        atexit.unregister(self._close_at_exit)
+
+    def _close_at_exit(self) -> None:
+        # Only if _finish_at_exit did not get to it (an error or a Ctrl-C in
+        # another of threading's exit hooks stops them all): too late to wait
+        # for the work (ThreadPoolExecutors are stopped), but Dask's event
+        # loops still run. Not in a forked child, which inherits the handler.
+        if self.pid == os.getpid():
+            self.close()
+
+
+def _finish_at_exit() -> None:
+    """At interpreter exit: refuse new work, let every open engine finish
+    its calls, and close it (see the module docstring)."""
+    global _interpreter_exiting
+    _interpreter_exiting = True
+    with _open_lifetimes_lock:
+        # Those of this process only: a forked child inherits the set, not
+        # the threads that would settle its futures.
+        lifetimes = [lifetime for lifetime in _open_lifetimes if lifetime.pid == os.getpid()]
+    try:
+        for lifetime in lifetimes:
+            with lifetime.lock:
+                pass  # a submission under way is queued by now, and waited for
+            try:
+                lifetime.finish()
+            except Exception:
+                logger.debug("error finishing an executor's work at exit", exc_info=True)
+    except KeyboardInterrupt:
+        # Ctrl-C while waiting: stop waiting, close every cluster, and let
+        # Python report it, as it does for ProcessPoolExecutor.
+        for lifetime in lifetimes:
+            try:
+                lifetime.close()
+            except Exception:
+                logger.debug("error closing an executor at exit", exc_info=True)
+        raise
+
+
+def _register_exit_hook() -> None:
+    """Run _finish_at_exit among ``threading``'s exit hooks, which run last
+    registered first, before the interpreter joins non-daemon threads and
+    before ``atexit`` handlers; ``concurrent.futures.thread`` registered
+    its own when imported, above, so ours runs before it. Where there are no
+    such hooks (not CPython), an ``atexit`` handler is the next best thing."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        try:
+            register(_finish_at_exit)
+            return
+        except RuntimeError:  # imported while the interpreter exits
+            pass
+    atexit.register(_finish_at_exit)
+
+
+_register_exit_hook()
 
 
 class SulisDaskExecutor(Executor):
@@ -126,6 +288,14 @@ class SulisDaskExecutor(Executor):
     ``shutdown``. Where the cluster comes from is decided by the keyword-only
     options (see :mod:`sulis_executor.config`): a local cluster of worker
     processes by default, or the SLURM allocation the script runs in.
+
+    Work once submitted is never dropped, as with ``ProcessPoolExecutor``.
+    An executor garbage collected without ``shutdown()`` closes its cluster
+    only once its calls have settled and its ``map`` iterators are done
+    (those go on submitting their chunks). At interpreter exit, ``submit``
+    raises ``RuntimeError``, and every executor still open waits for its
+    calls, with no deadline, then closes; a lost cluster fails the calls
+    instead, so the wait cannot hang on it, and Ctrl-C ends it.
 
     Args:
         max_workers: Worker processes of a local cluster. Defaults to the CPUs
@@ -177,9 +347,9 @@ class SulisDaskExecutor(Executor):
             os.environ,
         )
         silence_dask_logs(self._options.verbose)
-        self._shutdown_lock = threading.Lock()
-        self._shutdown = False
-        self._teardown_thread: threading.Thread | None = None
+        if _interpreter_exiting:
+            # Its cluster could not start reliably now, nor would it take work.
+            raise RuntimeError("cannot start a SulisDaskExecutor after interpreter shutdown has begun")
         self._mode, reason = choose_launch_mode(self._options, os.environ)
         logger.info("launch mode %r: %s", self._mode, reason)
         if self._options.max_tasks_per_child is not None and self._mode != "local":
@@ -191,12 +361,10 @@ class SulisDaskExecutor(Executor):
             )
         self._launcher = make_launcher(self._mode, self._options, self._job_security())
         self._engine = self._start(initializer, tuple(initargs))
-        self._finalizer = weakref.finalize(self, _shutdown_engine, self._engine)
-        # An executor still open at exit is closed by an atexit hook of its
-        # own, registered after Dask's: atexit runs hooks last-in first-out,
-        # so ours runs while Dask's event loops still run, and the workers'
-        # exit signals find a live loop instead of a closed wakeup fd.
-        atexit.register(self._finalizer)
+        self._lifetime = _Lifetime(self._engine)
+        # Collected without shutdown(), the executor only lets go: its work
+        # still finishes, and the cluster closes after (see _Lifetime).
+        self._lifetime.hold(self)
 
     def _job_security(self) -> Any:
         if self._mode == "local":
@@ -309,15 +477,9 @@ class SulisDaskExecutor(Executor):
 
     # -- the Executor API -------------------------------------------------
 
-    def _check_usable(self) -> None:
-        if self._engine.broken is not None:
-            raise self._engine.broken_error()
-        if self._shutdown:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
-        with self._shutdown_lock:
-            self._check_usable()
+        with self._lifetime.lock:
+            self._lifetime.check_usable()
             if not callable(fn):
                 raise TypeError(f"submit() needs a callable as its first argument, not {fn!r}")
             return self._engine.submit_call(fn, args, kwargs)
@@ -356,19 +518,18 @@ class SulisDaskExecutor(Executor):
         if not callable(fn):
             raise TypeError(f"map() needs a callable as its first argument, not {fn!r}")
         end_time = None if timeout is None else timeout + time.monotonic()
-        with self._shutdown_lock:
-            self._check_usable()
+        lifetime = self._lifetime
+        with lifetime.lock:
+            lifetime.check_usable()
         engine = self._engine
-        self_ref = weakref.ref(self)  # the results iterator must not keep us alive
 
+        # The results iterator refers to the lifetime, not to us: it may
+        # outlive a garbage collected executor, and go on submitting.
         def submit_chunks(fn: Callable[..., Any], chunks: list[tuple[list[Any], int]],
                           star: bool) -> list[Future[Any]]:
-            executor = self_ref()
-            if executor is None or executor._shutdown:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            with executor._shutdown_lock:
-                executor._check_usable()
-            return engine.submit_chunks(fn, chunks, star, timing)
+            with lifetime.lock:
+                lifetime.check_usable()
+                return engine.submit_chunks(fn, chunks, star, timing)
 
         fixed = None if chunksize is AUTO_CHUNKSIZE else chunksize
         # Chunks of the caller's size may travel together once measured
@@ -377,7 +538,15 @@ class SulisDaskExecutor(Executor):
         total = items_hint(iterables)
         sizer = ChunkSizer(fixed, lambda: engine.threads, total)
         window = buffersize if buffersize is not None else default_window(engine.threads, fixed)
-        results = ordered_results(fn, iterables, sizer, window, submit_chunks, end_time, engine.abandon_chunks)
+        hold = _Hold(lifetime)  # until the iterator ends, or is dropped
+        try:
+            results = _released_at_end(
+                ordered_results(fn, iterables, sizer, window, submit_chunks, end_time, engine.abandon_chunks),
+                hold,
+            )
+        except BaseException:
+            hold.release()
+            raise
         if progress:
             from ._progress import progress as show_progress
 
@@ -385,28 +554,16 @@ class SulisDaskExecutor(Executor):
         return results
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._shutdown_lock:
-            self._shutdown = True
+        with self._lifetime.lock:
+            self._lifetime.shut_down = True
         if cancel_futures:
             self._engine.cancel_queued()
         if wait:
-            teardown = self._teardown_thread
-            if teardown is not None:
-                teardown.join()
-            self._engine.wait_idle()
-            self._finalizer()
-            atexit.unregister(self._finalizer)
-            return
-        with self._shutdown_lock:
-            if self._teardown_thread is None and self._finalizer.alive:
-                # Not a daemon: like ProcessPoolExecutor, the interpreter waits
-                # for work that was already submitted before it exits.
-                self._teardown_thread = threading.Thread(
-                    target=_finish_then_close,
-                    args=(self._engine, self._finalizer),
-                    name="sulis-executor-shutdown",
-                )
-                self._teardown_thread.start()
+            self._lifetime.finish()
+        else:
+            # The interpreter still waits for this work before it exits
+            # (see _finish_at_exit), as for ProcessPoolExecutor's.
+            self._lifetime.close_when_idle()
 
     shutdown.__doc__ = Executor.shutdown.__doc__
 
@@ -438,16 +595,30 @@ class SulisDaskExecutor(Executor):
                 f"cluster or an srun step); in {self._mode!r} mode they are {whose}. "
                 f"shutdown(wait=False, cancel_futures=True) stops the work instead"
             )
-        with self._shutdown_lock:
-            self._shutdown = True
+        with self._lifetime.lock:
+            self._lifetime.shut_down = True
         self._engine.cancel_queued()
         self._engine.mark_broken(f"the executor's worker processes were {done} by {method}()")
         self.shutdown(wait=False)
 
 
-def _finish_then_close(engine: Engine, finalizer: weakref.finalize) -> None:
-    engine.wait_idle()
-    finalizer()
+class _Hold:
+    """A ``map`` results iterator's hold on its executor's engine, let go
+    once: when the iterator ends, or when it is garbage collected, even
+    unstarted (a generator not started runs no ``finally``)."""
+
+    __slots__ = ("release", "__weakref__")
+
+    def __init__(self, lifetime: _Lifetime) -> None:
+        self.release = lifetime.hold(self)
+
+
+def _released_at_end(results: Iterator[T], hold: _Hold) -> Iterator[T]:
+    # The frame keeps ``hold`` until the generator ends or is collected.
+    try:
+        yield from results
+    finally:
+        hold.release()
 
 
 # BrokenSulisExecutor is part of this module's story; re-exported for convenience.

@@ -83,6 +83,12 @@ def sleep_then_return(seconds: float, value):
     return value
 
 
+def sleep_then_print(seconds: float, word: str) -> None:
+    """Print ``word`` on the worker's stdout, which is the script's, after ``seconds``."""
+    time.sleep(seconds)
+    print(word, flush=True)
+
+
 def record(path: str, value=None):
     """Append a line to ``path`` (one per call) and return ``value``."""
     touch(path)
