@@ -229,6 +229,42 @@ def test_worker_waiting_for_its_scheduler_address_exits_quietly_when_input_ends(
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
 
 
+def _authkey_and_variable(variable: str) -> tuple[str, str | None]:
+    import multiprocessing
+
+    return bytes(multiprocessing.current_process().authkey).hex(), os.environ.get(variable)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("tls", [True, False])
+def test_worker_takes_the_job_secrets_from_its_variable_and_removes_it(tls: bool) -> None:
+    """How ``srun`` workers get the TLS credentials (if any) and the client's
+    ``multiprocessing`` key, which ``Manager`` proxies authenticate with."""
+    from distributed import Client, LocalCluster
+
+    from sulis_executor._security import generate_credentials, security_from
+
+    credentials = generate_credentials() if tls else {}
+    security = security_from(credentials) if tls else None
+    authkey = os.urandom(32).hex()  # not this process's: the worker must take it
+    with LocalCluster(n_workers=0, host="127.0.0.1", scheduler_port=0, dashboard_address=None,
+                      security=security, protocol="tls://" if tls else "tcp://") as cluster, \
+            Client(cluster, security=security) as client:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "sulis_executor.worker", cluster.scheduler_address,
+             "--host", "127.0.0.1", "--security-env", "SULIS_TEST_SECRETS"],
+            env={**os.environ, "SULIS_TEST_SECRETS": json.dumps({**credentials, "authkey": authkey})},
+        )
+        try:
+            client.wait_for_workers(1, timeout=60)
+            [(key, variable)] = client.run(_authkey_and_variable, "SULIS_TEST_SECRETS").values()
+        finally:
+            worker.kill()
+            worker.wait()
+    assert key == authkey
+    assert variable is None, "the secrets stay in the worker's environment, for its tasks to see"
+
+
 # -- scheduler file --------------------------------------------------------------
 
 def test_read_address_tolerates_missing_and_partial_files(tmp_path: Path) -> None:

@@ -54,7 +54,8 @@ from .base import Cluster, Launcher
 
 logger = logging.getLogger("sulis_executor")
 
-#: The environment variable that carries the TLS credentials to the workers.
+#: The environment variable that carries the TLS credentials (if any) and
+#: multiprocessing's key to the workers.
 CREDENTIALS_VARIABLE = "SULIS_WORKER_CREDENTIALS"
 
 #: Lines of the step's stderr kept for error messages.
@@ -228,15 +229,19 @@ class SrunLauncher(Launcher):
         address = self._cluster.scheduler_address
         argv = self._worker_argv(address)
         env = pythonpath_env()
-        if self._security is not None:
-            # Workers on other nodes cannot read a node-local file, so the
-            # credentials travel in the step's environment, which SLURM hands
-            # only to our own tasks (and which is private to our user, as a
-            # mode-0600 file would be); each worker removes it once read.
-            from .._security import credentials_of
+        # Workers on other nodes cannot read a node-local file, and srun
+        # gives them no standard input of ours, so the job's secrets (the
+        # TLS credentials, and multiprocessing's key for Manager proxies)
+        # travel in the step's environment, which SLURM hands only to our
+        # own tasks (and which is private to our user, as a mode-0600 file
+        # would be); each worker removes the variable once read.
+        from .._security import credentials_of, process_authkey
 
-            env[CREDENTIALS_VARIABLE] = json.dumps(credentials_of(self._security))
-            argv += ["--security-env", CREDENTIALS_VARIABLE]
+        secrets = {"authkey": process_authkey()}
+        if self._security is not None:
+            secrets.update(credentials_of(self._security))
+        env[CREDENTIALS_VARIABLE] = json.dumps(secrets)
+        argv += ["--security-env", CREDENTIALS_VARIABLE]
         command = srun_command(self.allocation, self.step_name, argv)
         logger.info("starting %d workers: %s", self.allocation.ntasks, " ".join(command))
         self._proc = subprocess.Popen(
