@@ -50,6 +50,7 @@ import cloudpickle
 
 from . import _remote
 from ._shared import SharedBuffers
+from ._signals import leave_signals_to_main_thread
 from .errors import (
     BrokenSulisExecutor,
     RemoteTraceback,
@@ -373,7 +374,8 @@ class Engine:
         self._collector = threading.Thread(
             target=self._collect_loop, name=f"sulis-executor-results-{token[:8]}", daemon=True
         )
-        self._collector.start()
+        with leave_signals_to_main_thread():  # Ctrl-C is for the caller's thread
+            self._collector.start()
 
     # -- accepting work ----------------------------------------------------
 

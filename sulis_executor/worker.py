@@ -291,6 +291,11 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
     which received the credentials by other means than a file. ``client`` is
     the client's identity when our parent is its fork server.
     """
+    # Started by one of the client's threads, which leave signals to its
+    # main thread (see _signals): take them, to close on SIGTERM.
+    from ._signals import unblock_signals
+
+    unblock_signals()
     args = _parse(argv)
     if die_with_parent and not _die_with_parent(parent=args.parent_pid):
         # Our launcher died before we asked to die with it: we would only

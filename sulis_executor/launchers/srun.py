@@ -44,6 +44,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+from .._signals import leave_signals_to_main_thread
 from ..config import ExecutorOptions
 from ..errors import ClusterStartupTimeout
 from ..slurm import SlurmAllocation
@@ -116,8 +117,9 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
               "the executor", file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
-    threading.Thread(target=_sigterm_watchdog, args=(128 + signum,), daemon=True,
-                     name="sulis-executor-sigterm-watchdog").start()
+    with leave_signals_to_main_thread():
+        threading.Thread(target=_sigterm_watchdog, args=(128 + signum,), daemon=True,
+                         name="sulis-executor-sigterm-watchdog").start()
     raise SystemExit(128 + signum)
 
 
@@ -256,7 +258,8 @@ class SrunLauncher(Launcher):
         self._stderr_thread = threading.Thread(
             target=self._pump_stderr, name="sulis-executor-srun-stderr", daemon=True
         )
-        self._stderr_thread.start()
+        with leave_signals_to_main_thread():
+            self._stderr_thread.start()
         expected = self.allocation.ntasks
         minimum = min_workers_for(options.wait_for_workers, expected)
         self._wait_for_workers(minimum, deadline)
