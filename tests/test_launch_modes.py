@@ -247,7 +247,7 @@ def test_worker_takes_the_job_secrets_from_its_variable_and_removes_it(tls: bool
     credentials = generate_credentials() if tls else {}
     security = security_from(credentials) if tls else None
     authkey = os.urandom(32).hex()  # not this process's: the worker must take it
-    with LocalCluster(n_workers=0, host="127.0.0.1", scheduler_port=0, dashboard_address=None,
+    with LocalCluster(n_workers=0, host="127.0.0.1", scheduler_port=0, dashboard_address="127.0.0.1:0",
                       security=security, protocol="tls://" if tls else "tcp://") as cluster, \
             Client(cluster, security=security) as client:
         worker = subprocess.Popen(
