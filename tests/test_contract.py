@@ -738,23 +738,29 @@ def test_cluster_forgets_tasks_once_their_futures_are_settled(shared_executor, m
     del results, big, failed
 
 
+def listening(address: str) -> bool:
+    """Whether something accepts connections at a Dask ``address``
+    (``tls://host:port``, ``tcp://[::1]:port``): ``False`` only when the
+    connection is refused; any other error (an unknown host) fails."""
+    from distributed.comm import get_address_host_port
+
+    host, port = get_address_host_port(address)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
 def test_an_executor_with_its_own_cluster_stops_it_on_shutdown():
     with SulisDaskExecutor(max_workers=2) as ex:
         assert list(ex.map(h.square, range(10))) == [i * i for i in range(10)]
         address = ex.client.scheduler.address
+        assert listening(address), f"the check sees the scheduler listening at {address}"
     assert ex.client.status == "closed"
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit(h.square, 1)
-    host, port = address.removeprefix("tcp://").rsplit(":", 1)
-
-    def refused() -> bool:
-        try:
-            socket.create_connection((host, int(port)), timeout=1).close()
-        except OSError:
-            return True
-        return False
-
-    wait_until(refused, 10, "the scheduler to stop listening")
+    wait_until(lambda: not listening(address), 10, f"the scheduler at {address} to stop listening")
 
 
 # -- max_tasks_per_child -----------------------------------------------------
