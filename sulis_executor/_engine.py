@@ -385,6 +385,9 @@ class Engine:
         self._collector = threading.Thread(
             target=self._collect_loop, name=f"sulis-executor-results-{token[:8]}", daemon=True
         )
+        # Not made to leave signals to the main thread (see _signals): the
+        # futures' done callbacks run here, and a process one of them starts
+        # would begin with Ctrl-C and SIGTERM blocked.
         self._collector.start()
 
     # -- accepting work ----------------------------------------------------

@@ -53,6 +53,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from ._signals import unblock_signals
 from .worker import ProcessIdentity, _die_with_parent, process_start_time
 
 
@@ -279,6 +280,9 @@ def _read_nonblocking(fd: int) -> bytes:
 
 def main(argv: list[str]) -> int:
     report, client_pid = int(argv[0]), int(argv[1])
+    # Started by a thread of the client's that leaves signals to its main
+    # thread (see _signals): take them, our parent-death signal first.
+    unblock_signals()
     # What forked workers restore: Python's own settings, as a fresh
     # interpreter has them.
     default_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGCHLD, CLIENT_DIED)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -127,3 +128,16 @@ def read_credentials_file(path: str) -> dict[str, str]:
     with open(path) as f:
         credentials: dict[str, str] = json.load(f)
     return credentials
+
+
+def process_authkey() -> str:
+    """This process's ``multiprocessing`` authentication key, as hex.
+
+    ``ProcessPoolExecutor``'s workers inherit it, and a ``Manager`` proxy
+    passed to a call authenticates with it: the workers we start get it
+    too, as they get the TLS credentials: in local mode in their greeting
+    (a pipe), never on a command line or in an environment; in ``srun``
+    mode in the variable that carries the credentials; in MPI mode in the
+    message that does.
+    """
+    return bytes(multiprocessing.current_process().authkey).hex()

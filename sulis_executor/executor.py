@@ -52,6 +52,7 @@ from ._map import (
 )
 from ._quiet import silence_dask_logs
 from ._security import DeferredSecurity
+from ._signals import leave_signals_to_main_thread
 from .config import ExecutorOptions, resolve_options
 from .errors import BrokenSulisExecutor, ClusterStartupTimeout
 from .launchers import choose_launch_mode, make_launcher
@@ -116,7 +117,8 @@ def _probe(address: str, security: Any, timeout: float) -> None:
             outcome.append(error)
 
     thread = threading.Thread(target=run, name="sulis-executor-probe", daemon=True)
-    thread.start()
+    with leave_signals_to_main_thread():
+        thread.start()
     thread.join(timeout + 5)
     if outcome:
         raise outcome[0]
@@ -382,12 +384,16 @@ class SulisDaskExecutor(Executor):
             try:
                 if isinstance(cluster.target, str):
                     _probe(cluster.target, cluster.security, max(1.0, deadline - time.monotonic()))
-                client = Client(
-                    cluster.target,
-                    security=cluster.security,
-                    timeout=max(1.0, deadline - time.monotonic()),
-                    set_as_default=True,
-                )
+                # Its event loop's thread, if it starts one, leaves signals
+                # to the main thread (see _signals); the probe has shown the
+                # scheduler answers, so this takes milliseconds.
+                with leave_signals_to_main_thread():
+                    client = Client(
+                        cluster.target,
+                        security=cluster.security,
+                        timeout=max(1.0, deadline - time.monotonic()),
+                        set_as_default=True,
+                    )
             except (OSError, TimeoutError, TypeError) as error:
                 raise _connect_error(cluster, self._options.timeout, error) from error
         except BaseException:  # Ctrl-C or SIGTERM too: never leave workers behind

@@ -147,7 +147,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("scheduler", help="scheduler address, e.g. tls://10.0.0.1:40123; '-' to "
                         "import Dask first, then read the address from standard input (a JSON "
-                        "line with 'scheduler' and, optionally, 'security_file')")
+                        "line with 'scheduler' and, optionally, 'security_file' and 'authkey')")
     parser.add_argument("--name", default=None,
                         help="worker name shown by the scheduler; may use {procid}, {localid}, "
                              "{nodeid}, {node}, {jobid}, {stepid}, {rank}, {pid}")
@@ -161,9 +161,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--security-file", default=None,
                         help="the job's TLS credentials (a mode-0600 file written by the executor)")
     parser.add_argument("--security-env", default=None, metavar="VARIABLE",
-                        help="environment variable holding the job's TLS credentials as JSON "
-                             "(for workers on other nodes, which cannot read a node-local file); "
-                             "removed from the environment once read")
+                        help="environment variable holding the job's TLS credentials and the "
+                             "client's multiprocessing authkey as JSON (for workers on other "
+                             "nodes, which cannot read a node-local file); removed from the "
+                             "environment once read")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="the launcher's pid: exit at once if it is no longer our parent")
     parser.add_argument("--verbose", action="store_true", help="let Dask's logs through")
@@ -172,7 +173,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _credentials_from_env(variable: str) -> dict[str, str]:
+def _secrets_from_env(variable: str) -> dict[str, str]:
+    """The job's secrets from ``variable``: TLS credentials (``key``,
+    ``cert``) if the cluster uses TLS, and the client's ``authkey``."""
     import json
 
     text = os.environ.pop(variable, None)  # tasks' children need not see it
@@ -180,11 +183,11 @@ def _credentials_from_env(variable: str) -> dict[str, str]:
         raise ValueError(f"--security-env {variable}: that variable is not set; the launcher "
                          "that started this worker must pass the job's credentials in it")
     try:
-        credentials: dict[str, str] = json.loads(text)
+        secrets: dict[str, str] = json.loads(text)
     except ValueError:
         raise ValueError(f"--security-env {variable}: the variable does not hold JSON "
                          "credentials") from None
-    return credentials
+    return secrets
 
 
 #: Seconds between the batched sends of a worker's messages to the scheduler.
@@ -221,7 +224,22 @@ def _read_greeting(args: argparse.Namespace) -> bool:
     args.scheduler = greeting["scheduler"]
     args.security_file = greeting.get("security_file") or args.security_file
     args.remove_when_orphaned = greeting.get("remove_when_orphaned") or []
+    if greeting.get("authkey"):
+        adopt_authkey(greeting["authkey"])
     return True
+
+
+def adopt_authkey(hex_key: str) -> None:
+    """Take the client's ``multiprocessing`` authentication key (hex).
+
+    A ``multiprocessing.Manager`` proxy unpickled here authenticates to its
+    manager with this process's key; ``ProcessPoolExecutor``'s workers
+    inherit their parent's, so proxies passed to calls work. Ours are not
+    the client's children, so the launcher sends the key.
+    """
+    import multiprocessing
+
+    multiprocessing.current_process().authkey = bytes.fromhex(hex_key)
 
 
 async def _run(args: argparse.Namespace, security: Any, parentage: Parentage) -> None:
@@ -273,6 +291,11 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
     which received the credentials by other means than a file. ``client`` is
     the client's identity when our parent is its fork server.
     """
+    # Started by one of the client's threads, which leave signals to its
+    # main thread (see _signals): take them, to close on SIGTERM.
+    from ._signals import unblock_signals
+
+    unblock_signals()
     args = _parse(argv)
     if die_with_parent and not _die_with_parent(parent=args.parent_pid):
         # Our launcher died before we asked to die with it: we would only
@@ -286,10 +309,14 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
             from .launchers._network import validate_interface
 
             validate_interface(args.interface)
-        if security is None and args.security_env:
-            from ._security import security_from
+        if args.security_env:
+            secrets = _secrets_from_env(args.security_env)
+            if secrets.get("authkey"):
+                adopt_authkey(secrets["authkey"])
+            if security is None and "key" in secrets:
+                from ._security import security_from
 
-            security = security_from(_credentials_from_env(args.security_env))
+                security = security_from(secrets)
     except ValueError as error:
         print(f"sulis_executor.worker: {error}", file=sys.stderr)
         return 2

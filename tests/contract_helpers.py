@@ -115,3 +115,23 @@ def map_item(i: int, directory: str, blocking: tuple):
         block(os.path.join(directory, f"{i}.started"), os.path.join(directory, f"{i}.release"))
     touch(os.path.join(directory, f"{i}.ran"))
     return i
+
+
+def report_progress(queue, item):
+    """Put ``item`` on a ``multiprocessing.Manager`` queue, as a call that
+    reports its progress does; return it squared."""
+    queue.put(item)
+    return item * item
+
+
+def store_pid(mapping, key) -> int:
+    """Write this worker's pid into a ``Manager`` dict under ``key``."""
+    mapping[key] = os.getpid()
+    return os.getpid()
+
+
+def wait_for_event(event, waiting, timeout: float = 30.0) -> bool:
+    """Say on the ``waiting`` queue that the call runs, then wait for the
+    ``Manager`` event the caller sets; ``False`` if it never does."""
+    waiting.put(os.getpid())
+    return event.wait(timeout)

@@ -1,13 +1,17 @@
 """The benchmark suite's quick mode runs end to end (a smoke test only).
 
 It checks that every executor and case still runs and gives correct results
-(each benchmark verifies its results before timing counts). It asserts
-nothing about speed: these machines are too noisy for timing bars.
+(each benchmark verifies its results before timing counts): the quick run's
+results file must show every executor of every case done with verified
+results, not timed out, failed or skipped. It asserts nothing about speed:
+these machines are too noisy for timing bars.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +19,35 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+#: The one skip a complete quick run has: a larger N that the run itself
+#: estimates would overrun its limit, from the same executor's rate at a
+#: smaller N of the case (which must then have run, verified).
+ESTIMATED_TOO_LONG = re.compile(r"skipped: est\. [\d,.]+ s > ")
+
+
+def not_verified(results: dict, plan: dict, repeats: int) -> list[str]:
+    """What in a run's ``latest.json`` falls short of every executor of
+    every case of ``plan`` run ``repeats`` times with verified results."""
+    runs: dict[tuple, list[dict]] = {}
+    for record in results["records"]:
+        runs.setdefault((record["case"], record["n"], record["executor"]), []).append(record)
+    problems = []
+    for case, (sizes, executors, _) in plan.items():
+        for executor in executors:
+            verified_sizes = []
+            for n in sizes:
+                records = runs.get((case, n, executor), [])
+                if [r["status"] for r in records] == ["ok"] * repeats:
+                    verified_sizes.append(n)
+                elif not (len(records) == 1 and records[0]["status"] == "skipped"
+                          and ESTIMATED_TOO_LONG.match(records[0]["reason"])):
+                    problems.append(f"{case} N={n} {executor}: "
+                                    + ("; ".join(f"{r['status']} ({r.get('reason')})" for r in records)
+                                       or "never run"))
+            if not verified_sizes:
+                problems.append(f"{case} {executor}: no size ran with verified results")
+    return problems
 
 
 @pytest.mark.timeout(400)
@@ -26,6 +59,11 @@ def test_quick_benchmark_runs_every_executor_and_writes_its_report(tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=360,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from benchmarks.run import QUICK
+
+    results = json.loads((tmp_path / "latest.json").read_text())
+    problems = not_verified(results, QUICK, repeats=1)
+    assert not problems, "not every executor and case ran with verified results:\n" + "\n".join(problems)
     table = (tmp_path / "latest.md").read_text()
     for executor in ("SulisDaskExecutor", "ProcessPoolExecutor", "mpi4py"):
         assert executor in table

@@ -575,6 +575,87 @@ def test_wait_and_as_completed_mix_futures_from_another_executor(executor, make_
     assert (mine.result(), t_future.result(), blocked.result()) == (81, True, "gated")
 
 
+# -- multiprocessing.Manager proxies as arguments ----------------------------
+#
+# A proxy authenticates to its manager with the multiprocessing key of the
+# process that unpickles it. ProcessPoolExecutor's workers inherit the
+# caller's key; ours are given it by the launcher that starts them (the
+# session cluster's workers too, as its executor runs in this process).
+
+
+@pytest.fixture
+def manager():
+    # Its server is forked from a forkserver, not from this process, which
+    # has threads (the Dask clients').
+    with multiprocessing.get_context("forkserver").Manager() as m:
+        yield m
+
+
+def drain(queue, count: int) -> list:
+    return [queue.get(timeout=30) for _ in range(count)]
+
+
+def test_a_manager_queue_passed_to_calls_carries_their_progress(executor, manager):
+    progress = manager.Queue()
+    assert list(executor.map(h.report_progress, itertools.repeat(progress), range(20))) == \
+        [i * i for i in range(20)]
+    assert executor.submit(h.report_progress, progress, 20).result(timeout=30) == 400
+    assert sorted(drain(progress, 21)) == list(range(21))
+    assert progress.empty()
+
+
+def test_a_manager_dict_passed_to_calls_holds_what_they_wrote(executor, manager):
+    written = manager.dict()
+    pids = [f.result(timeout=30) for f in [executor.submit(h.store_pid, written, i) for i in range(10)]]
+    assert dict(written) == dict(enumerate(pids))
+
+
+def test_a_call_waits_for_a_manager_event_that_the_caller_sets(executor, manager):
+    event, waiting = manager.Event(), manager.Queue()
+    future = executor.submit(h.wait_for_event, event, waiting)
+    wait_until(lambda: future.done() or not waiting.empty(), 30, "the call to wait for the event")
+    assert not future.done(), future.exception()
+    event.set()
+    assert future.result(timeout=30) is True
+
+
+@pytest.mark.parametrize("executor_type", ["ProcessPoolExecutor", "SulisDaskExecutor"])
+def test_manager_proxies_work_in_spawned_workers(executor_type, manager):
+    if executor_type == "ProcessPoolExecutor":
+        ex = ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"))
+    else:
+        ex = SulisDaskExecutor(2, mp_context="spawn")
+    progress = manager.Queue()
+    with ex:
+        assert list(ex.map(h.report_progress, itertools.repeat(progress), range(10))) == \
+            [i * i for i in range(10)]
+    assert sorted(drain(progress, 10)) == list(range(10))
+
+
+@pytest.mark.parametrize("executor_type", ["ProcessPoolExecutor", "SulisDaskExecutor"])
+def test_manager_proxies_work_in_workers_that_max_tasks_per_child_replaced(executor_type, manager):
+    written = manager.dict()
+    with with_max_tasks_per_child(executor_type, 1, 1) as ex:
+        pids = [ex.submit(h.store_pid, written, i).result(timeout=30) for i in range(3)]
+    assert len(set(pids)) == 3, "every call ran in a fresh worker process"
+    assert dict(written) == dict(enumerate(pids))
+
+
+@pytest.mark.parametrize("mp_context", [None, "spawn"])
+def test_manager_proxies_work_in_a_worker_that_replaced_a_killed_one(mp_context, manager):
+    import signal
+
+    written = manager.dict()
+    with SulisDaskExecutor(1, mp_context=mp_context) as ex:
+        first = ex.submit(h.store_pid, written, "first").result(timeout=30)
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: set(ex.client.run(os.getpid, on_error="ignore").values()) - {first},
+                   30, "a worker to replace the killed one")
+        second = ex.submit(h.store_pid, written, "second").result(timeout=30)
+    assert second != first
+    assert dict(written) == {"first": first, "second": second}
+
+
 # -- Sulis only: map(buffersize=) (Python 3.14) ------------------------------
 
 
@@ -657,23 +738,29 @@ def test_cluster_forgets_tasks_once_their_futures_are_settled(shared_executor, m
     del results, big, failed
 
 
+def listening(address: str) -> bool:
+    """Whether something accepts connections at a Dask ``address``
+    (``tls://host:port``, ``tcp://[::1]:port``): ``False`` only when the
+    connection is refused; any other error (an unknown host) fails."""
+    from distributed.comm import get_address_host_port
+
+    host, port = get_address_host_port(address)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return False
+    return True
+
+
 def test_an_executor_with_its_own_cluster_stops_it_on_shutdown():
     with SulisDaskExecutor(max_workers=2) as ex:
         assert list(ex.map(h.square, range(10))) == [i * i for i in range(10)]
         address = ex.client.scheduler.address
+        assert listening(address), f"the check sees the scheduler listening at {address}"
     assert ex.client.status == "closed"
     with pytest.raises(RuntimeError, match="after shutdown"):
         ex.submit(h.square, 1)
-    host, port = address.removeprefix("tcp://").rsplit(":", 1)
-
-    def refused() -> bool:
-        try:
-            socket.create_connection((host, int(port)), timeout=1).close()
-        except OSError:
-            return True
-        return False
-
-    wait_until(refused, 10, "the scheduler to stop listening")
+    wait_until(lambda: not listening(address), 10, f"the scheduler at {address} to stop listening")
 
 
 # -- max_tasks_per_child -----------------------------------------------------

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -69,9 +70,16 @@ def test_local_cluster_refuses_clients_without_its_credentials() -> None:
     assert tls_error and tcp_error
 
 
+#: What a script started from a terminal has. A test run started in the
+#: background by a shell without job control (``sh -c 'pytest ... &'``)
+#: ignores SIGINT, and so would the script (and Python would install no
+#: KeyboardInterrupt handler), which would make Ctrl-C do nothing.
+TERMINAL_SIGINT = "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+
 CTRL_C_SCRIPT = """
 import faulthandler, json, os, signal, time
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test's hang report
+""" + TERMINAL_SIGINT + """
 from sulis_executor import SulisDaskExecutor
 
 def slow(x):
@@ -86,12 +94,13 @@ with SulisDaskExecutor(max_workers=2) as ex:
 """
 
 
-def _start_script(tmp_path: Path, source: str) -> subprocess.Popen[str]:
+def _start_script(tmp_path: Path, source: str, **environ: str) -> subprocess.Popen[str]:
     """Run ``source`` as a script of its own (in its own session, so the test
-    can signal its whole process group), with this repository importable."""
+    can signal its whole process group), with this repository importable,
+    and ``environ`` in its environment."""
     script = tmp_path / "script.py"
     script.write_text(textwrap.dedent(source))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+    env = dict(os.environ, **environ, PYTHONPATH=os.pathsep.join(
         [str(REPO), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]))
     return subprocess.Popen(
         [sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
@@ -152,6 +161,133 @@ def test_ctrl_c_in_a_map_leaves_no_worker_behind(tmp_path: Path, target: str) ->
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+CTRL_C_AT_START_SCRIPT = """
+import signal
+""" + TERMINAL_SIGINT + """
+from sulis_executor import SulisDaskExecutor
+
+# Say when start-up has come to waiting for the workers (everything else
+# it does is done by then).
+wait_for_workers = SulisDaskExecutor._wait_for_workers
+
+def announced(*args):
+    print("WAITING", flush=True)
+    return wait_for_workers(*args)
+
+SulisDaskExecutor._wait_for_workers = staticmethod(announced)
+SulisDaskExecutor(max_workers=2, timeout=60)
+"""
+
+#: Imported by every worker process (and the fork server) at start, since
+#: the script's directory is on their path: hold them until the test says.
+SLOW_WORKER_START = """
+import pathlib, time
+here = pathlib.Path(__file__).parent
+(here / "worker-starting").touch()
+deadline = time.monotonic() + 60
+while not (here / "go").exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("target", ["group", "main"])
+def test_ctrl_c_while_the_executor_waits_for_its_workers_leaves_nothing_behind(
+        tmp_path: Path, target: str) -> None:
+    """Start-up must stay interruptible (in ``srun`` mode it may wait 30 s
+    for workers): the signals its threads leave to the main thread are not
+    left blocked in the main thread. (Without numpy's BLAS threads, which
+    would take a signal the main thread blocks, and so hide that.)"""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_WORKER_START)
+    proc = _start_script(tmp_path, CTRL_C_AT_START_SCRIPT, OPENBLAS_NUM_THREADS="1")
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "WAITING\n", proc.communicate()
+        assert (tmp_path / "worker-starting").exists()
+        children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        assert children
+        (os.killpg if target == "group" else os.kill)(proc.pid, signal.SIGINT)
+        try:
+            _, stderr = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the script did not exit within 30 s of Ctrl-C") from None
+        assert proc.returncode != 0 and "KeyboardInterrupt" in stderr, stderr
+        assert not alive_after(children, timeout=10), "processes left after Ctrl-C"
+    finally:
+        (tmp_path / "go").touch()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def threads_taking(signum: int) -> dict[int, str]:
+    """This process's threads (native ids) that do not block ``signum``,
+    with their names where Python knows them."""
+    names = {t.native_id: t.name for t in threading.enumerate()}
+    taking = {}
+    for task in os.listdir("/proc/self/task"):
+        try:
+            status = Path(f"/proc/self/task/{task}/status").read_text()
+        except OSError:  # ended since
+            continue
+        blocked = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+        if not blocked & (1 << (signum - 1)):
+            taking[int(task)] = names.get(int(task), "(a thread Python did not start)")
+    return taking
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("cluster", ["local", "spawn", "attached"])
+def test_only_the_main_thread_takes_ctrl_c_and_sigterm(
+        cluster: str, scheduler_address: str, request: pytest.FixtureRequest) -> None:
+    """Python acts on a signal in the main thread only, and the kernel hands
+    a signal sent to the process to any thread that does not block it: one
+    that landed on another thread would leave a main thread waiting in
+    ``future.result()`` deaf to Ctrl-C. So the threads the executor starts,
+    and Dask's, block SIGINT and SIGTERM; all but the results thread, which
+    runs the futures' done callbacks: a process one of them starts would
+    begin with the signals blocked, deaf to Ctrl-C and to ``terminate()``.
+    (Importing Dask starts numpy's BLAS threads, which are not the
+    executor's: they were there before.)"""
+    import distributed  # noqa: F401
+
+    before = set(threads_taking(signal.SIGINT)) | set(threads_taking(signal.SIGTERM))
+    if cluster == "attached":
+        ex = request.getfixturevalue("shared_executor")
+    else:
+        ex = SulisDaskExecutor(max_workers=2, mp_context="spawn" if cluster == "spawn" else None)
+    with ex:
+        # Threads started on first use too: map runners, tasks, fetched results.
+        assert list(ex.map(tasks.square, range(200))) == [i * i for i in range(200)]
+        assert ex.submit(tasks.square, 3).result(timeout=30) == 9
+        assert ex.submit(bytes, 2_000_000).result(timeout=30) == bytes(2_000_000)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            taking = threads_taking(signum)
+            assert threading.main_thread().native_id in taking, "the main thread blocks it"
+            started = {tid: name for tid, name in taking.items()
+                       if tid not in before and not name.startswith("sulis-executor-results-")}
+            assert not started, f"threads the executor started take {signum.name}: {started}"
+
+
+@pytest.mark.timeout(60)
+def test_a_process_started_by_a_done_callback_takes_sigterm(tmp_path: Path) -> None:
+    # Done callbacks run in the executor's results thread; a process started
+    # there must not inherit signals blocked for the main thread's sake.
+    from tests import contract_helpers as h
+
+    started, release = tmp_path / "started", tmp_path / "release"
+    children: list[subprocess.Popen[bytes]] = []
+    with SulisDaskExecutor(max_workers=1) as ex:
+        future = ex.submit(h.block, str(started), str(release))
+        future.add_done_callback(lambda _: children.append(
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])))
+        wait_until(started.exists, 30, "the call to start")
+        release.touch()
+        future.result(timeout=30)
+        wait_until(lambda: children, 10, "the callback's process")
+    children[0].terminate()
+    assert children[0].wait(timeout=10) == -signal.SIGTERM
 
 
 KILLED_CLIENT_SCRIPT = """

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from sulis_executor.config import resolve_options
+from sulis_executor.config import LAUNCH_MODES, resolve_options
 from sulis_executor.errors import ClusterStartupTimeout
 from sulis_executor.launchers import choose_launch_mode, make_launcher, mpi_world_size
 from sulis_executor.launchers._network import scheduler_host, validate_interface
+from sulis_executor.launchers.base import Launcher
 from sulis_executor.launchers.scheduler_file import (
     SchedulerFileLauncher,
     expected_workers,
@@ -138,7 +139,33 @@ def test_malformed_slurm_environment_names_the_variable() -> None:
         choose(environ)
 
 
-def test_every_mode_has_a_launcher_module() -> None:
+#: Options each mode needs to build its launcher (not to start it).
+MODE_OPTIONS = {"address": {"address": "tcp://127.0.0.1:1"},
+                "scheduler_file": {"scheduler_file": "scheduler.json"}}
+
+
+@pytest.mark.parametrize("mode", [mode for mode in LAUNCH_MODES if mode != "auto"])
+def test_every_mode_has_a_launcher_module(mode: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each mode's module imports, and its launcher implements the whole
+    interface (an abstract method left out would fail the construction)
+    under the mode's name, the one ``launch=`` takes and logs show."""
+    if mode == "srun":  # inside a batch script, with an srun to find
+        for name, value in dump("batch_step_multinode").items():
+            monkeypatch.setenv(name, value)
+        fake_srun = tmp_path / "srun"
+        fake_srun.write_text("#!/bin/sh\nexit 1\n")
+        fake_srun.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    options = resolve_options({"launch": mode, **MODE_OPTIONS.get(mode, {})}, {},
+                              dask_config_get=lambda key: None)
+    launcher = make_launcher(mode, options)
+    assert isinstance(launcher, Launcher)
+    assert type(launcher).__module__ == f"sulis_executor.launchers.{mode}"
+    assert type(launcher).name == launcher.name == mode
+
+
+def test_auto_is_decided_before_any_launcher_is_made() -> None:
     with pytest.raises(ValueError, match="unknown launch mode"):
         make_launcher("auto", resolve_options({}, {}, dask_config_get=lambda key: None))
 
@@ -227,6 +254,42 @@ def test_worker_waiting_for_its_scheduler_address_exits_quietly_when_input_ends(
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=50,
     )
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+
+
+def _authkey_and_variable(variable: str) -> tuple[str, str | None]:
+    import multiprocessing
+
+    return bytes(multiprocessing.current_process().authkey).hex(), os.environ.get(variable)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("tls", [True, False])
+def test_worker_takes_the_job_secrets_from_its_variable_and_removes_it(tls: bool) -> None:
+    """How ``srun`` workers get the TLS credentials (if any) and the client's
+    ``multiprocessing`` key, which ``Manager`` proxies authenticate with."""
+    from distributed import Client, LocalCluster
+
+    from sulis_executor._security import generate_credentials, security_from
+
+    credentials = generate_credentials() if tls else {}
+    security = security_from(credentials) if tls else None
+    authkey = os.urandom(32).hex()  # not this process's: the worker must take it
+    with LocalCluster(n_workers=0, host="127.0.0.1", scheduler_port=0, dashboard_address="127.0.0.1:0",
+                      security=security, protocol="tls://" if tls else "tcp://") as cluster, \
+            Client(cluster, security=security) as client:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "sulis_executor.worker", cluster.scheduler_address,
+             "--host", "127.0.0.1", "--security-env", "SULIS_TEST_SECRETS"],
+            env={**os.environ, "SULIS_TEST_SECRETS": json.dumps({**credentials, "authkey": authkey})},
+        )
+        try:
+            client.wait_for_workers(1, timeout=60)
+            [(key, variable)] = client.run(_authkey_and_variable, "SULIS_TEST_SECRETS").values()
+        finally:
+            worker.kill()
+            worker.wait()
+    assert key == authkey
+    assert variable is None, "the secrets stay in the worker's environment, for its tasks to see"
 
 
 # -- scheduler file --------------------------------------------------------------

@@ -30,6 +30,8 @@ import sys
 import threading
 from typing import Any
 
+from .._signals import leave_signals_to_main_thread
+
 logger = logging.getLogger("sulis_executor")
 
 
@@ -102,7 +104,8 @@ class ForkServer:
 
     def start(self) -> None:
         """Start the server process (it then imports Dask; requests wait for that)."""
-        self._thread.start()
+        with leave_signals_to_main_thread():
+            self._thread.start()
         self._started.wait()
 
     def fork(self, args: list[str]) -> ForkedWorker | None:

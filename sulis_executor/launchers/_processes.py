@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from .._signals import leave_signals_to_main_thread
 from ._forked import ForkServer, fork_server_supported
 
 logger = logging.getLogger("sulis_executor")
@@ -92,8 +93,9 @@ class WorkerProcesses:
     def start(self) -> None:
         if self._server is not None:
             self._server.start()
-        for thread in self._threads:
-            thread.start()
+        with leave_signals_to_main_thread():
+            for thread in self._threads:
+                thread.start()
 
     def pids(self) -> list[int]:
         with self._lock:

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import dask.config
 
 from .._quiet import NO_STALL_CHECK
+from .._signals import leave_signals_to_main_thread
 from ..config import ExecutorOptions
 
 #: Seconds between the batched sends of the scheduler's messages to a worker.
@@ -222,7 +223,9 @@ def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -
         scheduler_kwargs = {"dashboard_address": f"{http_host}:0"}
     scheduler_kwargs["plugins"] = [_executor_streams()]
     quiet = {} if options.verbose else NO_STALL_CHECK
-    with dask.config.set({
+    # Its event loop's thread, and the threads that loop starts, leave
+    # signals to our main thread; starting it takes about 10 ms.
+    with leave_signals_to_main_thread(), dask.config.set({
         **quiet,
         "distributed.scheduler.worker-saturation": 1.0,
         # The active memory manager drops "extra" replicas every 2 s, which

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .._security import CredentialsFile, credentials_of, resolve_security
+from .._security import CredentialsFile, credentials_of, process_authkey, resolve_security
 from .._shared import SharedDirectory
 from ..config import ExecutorOptions
 from ._network import validate_interface
@@ -74,6 +74,9 @@ class LocalLauncher(Launcher):
             "scheduler": cluster.scheduler_address,
             # Ours to clean up; the workers do it if this process dies first.
             "remove_when_orphaned": [self._shared.path],
+            # multiprocessing's key, so that Manager proxies passed to calls
+            # can authenticate (see sulis_executor.worker.adopt_authkey).
+            "authkey": process_authkey(),
         }
         if self._security is not None:
             self._credentials = CredentialsFile(credentials_of(self._security))

@@ -101,11 +101,13 @@ class MpiLauncher(Launcher):
         options = self._options
         try:
             self._cluster = start_scheduler(options, self._security, scheduler_host(options.interface))
-            message: dict[str, Any] = {"address": self._cluster.scheduler_address}
+            from .._security import credentials_of, process_authkey
+
+            # multiprocessing's key, for Manager proxies passed to calls.
+            message: dict[str, Any] = {"address": self._cluster.scheduler_address,
+                                       "authkey": process_authkey()}
             if self._security is not None:
                 # MPI messages reach our own ranks only: no file needed.
-                from .._security import credentials_of
-
                 message["credentials"] = credentials_of(self._security)
         except BaseException as error:
             # Tell the workers, so they exit instead of waiting for an address.
@@ -165,6 +167,8 @@ class MpiLauncher(Launcher):
         if "error" in message:
             print(f"sulis_executor: {message['error']}", file=sys.stderr, flush=True)
             sys.exit(1)
+        if message.get("authkey"):
+            worker.adopt_authkey(message["authkey"])
         security = None
         if "credentials" in message:
             from .._security import security_from

@@ -44,6 +44,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+from .._signals import leave_signals_to_main_thread
 from ..config import ExecutorOptions
 from ..errors import ClusterStartupTimeout
 from ..slurm import SlurmAllocation
@@ -54,7 +55,8 @@ from .base import Cluster, Launcher
 
 logger = logging.getLogger("sulis_executor")
 
-#: The environment variable that carries the TLS credentials to the workers.
+#: The environment variable that carries the TLS credentials (if any) and
+#: multiprocessing's key to the workers.
 CREDENTIALS_VARIABLE = "SULIS_WORKER_CREDENTIALS"
 
 #: Lines of the step's stderr kept for error messages.
@@ -115,8 +117,9 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
               "the executor", file=sys.stderr, flush=True)
     except (OSError, ValueError):
         pass
-    threading.Thread(target=_sigterm_watchdog, args=(128 + signum,), daemon=True,
-                     name="sulis-executor-sigterm-watchdog").start()
+    with leave_signals_to_main_thread():
+        threading.Thread(target=_sigterm_watchdog, args=(128 + signum,), daemon=True,
+                         name="sulis-executor-sigterm-watchdog").start()
     raise SystemExit(128 + signum)
 
 
@@ -228,15 +231,19 @@ class SrunLauncher(Launcher):
         address = self._cluster.scheduler_address
         argv = self._worker_argv(address)
         env = pythonpath_env()
-        if self._security is not None:
-            # Workers on other nodes cannot read a node-local file, so the
-            # credentials travel in the step's environment, which SLURM hands
-            # only to our own tasks (and which is private to our user, as a
-            # mode-0600 file would be); each worker removes it once read.
-            from .._security import credentials_of
+        # Workers on other nodes cannot read a node-local file, and srun
+        # gives them no standard input of ours, so the job's secrets (the
+        # TLS credentials, and multiprocessing's key for Manager proxies)
+        # travel in the step's environment, which SLURM hands only to our
+        # own tasks (and which is private to our user, as a mode-0600 file
+        # would be); each worker removes the variable once read.
+        from .._security import credentials_of, process_authkey
 
-            env[CREDENTIALS_VARIABLE] = json.dumps(credentials_of(self._security))
-            argv += ["--security-env", CREDENTIALS_VARIABLE]
+        secrets = {"authkey": process_authkey()}
+        if self._security is not None:
+            secrets.update(credentials_of(self._security))
+        env[CREDENTIALS_VARIABLE] = json.dumps(secrets)
+        argv += ["--security-env", CREDENTIALS_VARIABLE]
         command = srun_command(self.allocation, self.step_name, argv)
         logger.info("starting %d workers: %s", self.allocation.ntasks, " ".join(command))
         self._proc = subprocess.Popen(
@@ -251,7 +258,8 @@ class SrunLauncher(Launcher):
         self._stderr_thread = threading.Thread(
             target=self._pump_stderr, name="sulis-executor-srun-stderr", daemon=True
         )
-        self._stderr_thread.start()
+        with leave_signals_to_main_thread():
+            self._stderr_thread.start()
         expected = self.allocation.ntasks
         minimum = min_workers_for(options.wait_for_workers, expected)
         self._wait_for_workers(minimum, deadline)
