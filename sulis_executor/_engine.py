@@ -1062,8 +1062,7 @@ class Engine:
             self._settle(batch, payload)
             return
         try:
-            entries, seconds = _remote.loads_entries(payload)
-            outcomes = [self._loads_outcome(entry) for entry in entries]
+            outcomes, seconds = self._read_outcomes(payload)
         except BaseException as error:  # not a payload of ours: a bug
             if not self._fails_the_call(error):
                 raise
@@ -1089,16 +1088,23 @@ class Engine:
             else:
                 self._set(call, unpickling_failed(call, outcome, batch.name), error=True)
 
-    def _loads_outcome(self, entry: memoryview) -> Any:
-        """A call's outcome (a map chunk's), or ``UNREADABLE_HERE`` with the
-        error that unpickling it raised (even ``SystemExit``, from a
-        ``__reduce__``, in the collector thread)."""
-        try:
-            return pickle.loads(entry)
-        except BaseException as error:
-            if not self._fails_the_call(error):
-                raise
-            return (UNREADABLE_HERE, error, "")
+    def _read_outcomes(self, payload: Any) -> tuple[list[Any], float]:
+        """A batch's outcomes (see ``_remote._dumps_entries``), one per call
+        or map chunk, and its ``seconds``. One that cannot be unpickled is
+        ``(UNREADABLE_HERE, the error, "")``, whatever the error (even
+        ``SystemExit``, from a ``__reduce__``, in the collector thread)."""
+        view, ends, seconds = _remote.read_entries(payload)
+        outcomes = []
+        start = 0
+        for end in ends:
+            try:
+                outcomes.append(pickle.loads(view[start:end]))
+            except BaseException as error:
+                if not self._fails_the_call(error):
+                    raise
+                outcomes.append((UNREADABLE_HERE, error, ""))
+            start = end
+        return outcomes, seconds
 
     def _set(self, call: Call, value: Any, error: bool = False) -> None:
         with self._lock:
