@@ -155,6 +155,18 @@ class DividesByZeroWhenPickled:
         return 1 / 0
 
 
+class ExitsWhenPickled:
+    """An object whose ``__reduce__`` raises ``SystemExit``."""
+
+    def __reduce__(self):
+        raise SystemExit("refused to pickle, on purpose")
+
+
+def make_unpicklable(how: str):
+    """A result whose pickling raises ``ZeroDivisionError`` or ``SystemExit``."""
+    return DividesByZeroWhenPickled() if how == "ZeroDivisionError" else ExitsWhenPickled()
+
+
 def task_key_or_refusing(i: int, bad: int, key_file: str):
     """``(i, the key of the Dask task running this call)``; for item ``bad``
     a result that cannot be unpickled, its task's key written to ``key_file``."""

@@ -40,6 +40,7 @@ from sulis_executor import (
     BrokenSulisExecutor,
     RemoteTraceback,
     SulisDaskExecutor,
+    UnpicklableError,
     UnpicklingFailedError,
 )
 from tests import contract_helpers as h
@@ -613,6 +614,15 @@ def test_a_map_item_whose_pickling_raises_fails_the_map_with_that_error(executor
         assert "argument 0 of item 2 given to map(identity)" in notes(info.value)
 
 
+def test_a_result_whose_pickling_raises_fails_its_call_with_that_error(executor):
+    exc = executor.submit(h.make_unpicklable, "ZeroDivisionError").exception(timeout=30)
+    assert type(exc) is ZeroDivisionError
+    if is_sulis(executor):
+        assert ("the result, of type tests.contract_helpers.DividesByZeroWhenPickled, could not "
+                "be pickled") in notes(exc)
+    assert executor.submit(h.square, 3).result(timeout=30) == 9
+
+
 # A result that refuses to unpickle: how, and how large (pushed results are
 # at most 1 MB; larger ones are fetched).
 REFUSALS = [("ValueError", 0), ("SystemExit", 0), ("KeyboardInterrupt", 0),
@@ -691,6 +701,18 @@ def test_a_result_that_cannot_be_unpickled_fails_alone_among_its_batch_mates(
         # result shared its batch, and the payload of results, with good
         # ones. (A runner's calls all see the runner's key, whatever batch.)
         assert key_file.read_text() in {key for _, key in good}
+    assert ex.submit(h.square, 3).result(timeout=30) == 9
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_result_whose_pickling_raises_system_exit_fails_its_call_with_unpicklable_error(
+        sulis_executor, capfd):
+    # ProcessPoolExecutor sends the SystemExit back, and result() raises it.
+    ex = sulis_executor
+    exc = ex.submit(h.make_unpicklable, "SystemExit").exception(timeout=30)
+    assert isinstance(exc, UnpicklableError)
+    assert "the result, of type tests.contract_helpers.ExitsWhenPickled, could not be pickled" in str(exc)
+    assert "SystemExit: refused to pickle, on purpose" in str(exc)
     assert ex.submit(h.square, 3).result(timeout=30) == 9
     assert "Traceback" not in capfd.readouterr().err
 
