@@ -300,7 +300,10 @@ def _dumps_entries(entries: list[Any], seconds: float,
     for entry in entries:
         try:
             pickler.dump(entry)
+            refused = False
         except BaseException:  # on a worker thread, only a __reduce__ raises these
+            refused = True
+        if refused:  # tried again out of the handler, so errors do not chain to this one
             file.seek(end)
             file.truncate()
             _dump_slowly(entry, file, repair)
@@ -319,10 +322,20 @@ def _dump_slowly(entry: Any, file: io.BytesIO, repair: Callable[[Any, BaseExcept
     start = file.tell()
     try:
         cloudpickle.dump(entry, file, protocol=5)
+        return
     except BaseException as failure:
+        replacement = repair(entry, failure)
+    file.seek(start)
+    file.truncate()
+    try:
+        cloudpickle.dump(replacement, file, protocol=5)
+    except BaseException as failure:  # e.g. values that pickle alone, not together
+        from .errors import UnpicklableError
+
         file.seek(start)
         file.truncate()
-        cloudpickle.dump(repair(entry, failure), file, protocol=5)
+        message = f"the results could not be pickled to send them back from the worker: {failure!r}"
+        cloudpickle.dump(_error_outcome(UnpicklableError(message)), file, protocol=5)
 
 
 def read_entries(payload: Any) -> tuple[memoryview, list[int], float]:
