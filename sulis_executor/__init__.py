@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from .errors import ClusterStartupTimeout as ClusterStartupTimeout
     from .errors import RemoteTraceback as RemoteTraceback
     from .errors import UnpicklableError as UnpicklableError
+    from .errors import UnpicklingFailedError as UnpicklingFailedError
     from .errors import WorkerDiedError as WorkerDiedError
     from .executor import SulisDaskExecutor as SulisDaskExecutor
 
@@ -28,6 +29,7 @@ _EXPORTS = {
     "RemoteTraceback": ".errors",
     "SulisDaskExecutor": ".executor",
     "UnpicklableError": ".errors",
+    "UnpicklingFailedError": ".errors",
     "WorkerDiedError": ".errors",
     "progress": "._progress",
 }

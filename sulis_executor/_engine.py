@@ -39,6 +39,7 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
+import pickle
 import queue
 import threading
 import time
@@ -54,7 +55,9 @@ from .errors import (
     BrokenSulisExecutor,
     RemoteTraceback,
     UnpicklableError,
+    UnpicklingFailedError,
     WorkerDiedError,
+    add_note,
 )
 from .launchers._scheduler import (
     PARKED,
@@ -255,22 +258,67 @@ def _suspects(call: Call) -> list[tuple[str, object]]:
     return suspects
 
 
-def unpicklable_error(call: Call, error: BaseException) -> UnpicklableError:
+def pickling_error(call: Call, error: BaseException) -> BaseException:
+    """What fails a call whose pickling raised ``error``: that error itself,
+    keeping its type as with ``ProcessPoolExecutor``, with a note naming the
+    culprit; a ``KeyboardInterrupt`` or ``SystemExit`` (a ``__reduce__``
+    raised it in the collector thread) would end the caller's script from
+    ``result()``, so it becomes the ``__cause__`` of an ``UnpicklableError``."""
+    note = _culprit(call, error)
+    if isinstance(error, Exception):
+        add_note(error, note)
+        return error
+    failure = UnpicklableError(note)
+    failure.__cause__ = error
+    return failure
+
+
+def _culprit(call: Call, error: BaseException) -> str:
+    """Which part of the call cannot be pickled, found by pickling each alone."""
     for label, obj in _suspects(call):
         try:
             cloudpickle.dumps(obj)
         except BaseException as inner:
             if not isinstance(inner, Exception) and not isinstance(error, type(inner)):
                 raise  # a Ctrl-C while looking for the culprit, not the culprit
-            failure = UnpicklableError(
-                f"{label}, of type {_describe(obj)}, cannot be pickled to send it to a "
-                f"worker ({inner}). Pass picklable objects (module-level functions, plain "
-                f"data), or create this object inside the task."
-            )
-            failure.__cause__ = inner
-            return failure
-    failure = UnpicklableError(f"the call could not be pickled: {error}")
-    failure.__cause__ = error
+            return (f"{label}, of type {_describe(obj)}, cannot be pickled to send it to a "
+                    f"worker. Pass picklable objects (module-level functions, plain data), or "
+                    f"create this object inside the task.")
+    return f"the call to {function_name(call.body[0])}() could not be pickled to send it to a worker"
+
+
+#: An outcome (see ``_remote``) for a call whose result could not be
+#: unpickled here: ``(UNREADABLE_HERE, error, "")``.
+UNREADABLE_HERE = -1
+
+
+def unpickling_failed(call: Call, outcome: Any, name: str) -> UnpicklingFailedError:
+    """What fails a call (or a map chunk) that could not be unpickled on its
+    worker, or whose result could not be unpickled here: the error that
+    unpickling raised, whatever it was, is the ``__cause__``. ``name`` is
+    the function's, should the call have been settled meanwhile."""
+    tag, error, tb = outcome
+    if call.body is not None:
+        name = function_name(call.body[0])
+    if call.kind == _remote.CALLS:
+        call_is, result_is = f"the call to {name}()", f"the result of {name}()"
+    elif call.body is not None:
+        first, last = call.first_index, call.first_index + len(call.body[1]) - 1
+        items = f"item {first}" if first == last else f"items {first}-{last}"
+        call_is, result_is = f"{items} given to map({name})", f"the results of {items} of map({name})"
+    else:
+        call_is, result_is = f"a chunk of map({name})", f"the results of a chunk of map({name})"
+    raised = f"{type(error).__name__}: {error}"
+    if tag == _remote.UNREADABLE:
+        message = (f"{call_is} could not be unpickled on its worker ({raised}); its function and "
+                   f"arguments must rebuild there: the workers need the modules they come from, "
+                   f"in the same versions, and no __reduce__ or __setstate__ may raise.")
+    else:
+        message = (f"{result_is} could not be unpickled here ({raised}); it must rebuild in this "
+                   f"process: this process needs the modules it comes from, in the same versions, "
+                   f"and no __reduce__ or __setstate__ may raise.")
+    failure = UnpicklingFailedError(f"{message} The other calls and the executor are not affected.")
+    failure.__cause__ = rebuild_exception(error, tb)
     return failure
 
 
@@ -819,7 +867,7 @@ class Engine:
                 except BaseException as error:
                     if not self._fails_the_call(error):
                         raise
-                    self._set(call, unpicklable_error(call, error), error=True)
+                    self._set(call, pickling_error(call, error), error=True)
             if len(good) == len(calls):
                 # Every call pickles alone: sharing a buffer with the cluster
                 # failed, not pickling. Fail the batch rather than retry.
@@ -833,14 +881,15 @@ class Engine:
         return batch, pickled
 
     def _fails_the_call(self, error: BaseException) -> bool:
-        """Whether an error raised while pickling calls fails those calls.
+        """Whether an error raised while pickling calls, or unpickling their
+        results, fails those calls.
 
         Any ``Exception`` does. A ``KeyboardInterrupt`` or ``SystemExit``
-        does too when the collector thread is pickling, for the calls that
-        waited for room: there it can only come from an object's
-        ``__reduce__`` (signals reach the main thread), and the collector
-        must not die, or every future would hang. In the caller's thread it
-        is the user's Ctrl-C, and it propagates.
+        does too when the collector thread is pickling (the calls that
+        waited for room) or unpickling: there it can only come from an
+        object's ``__reduce__`` (signals reach the main thread), and the
+        collector must not die, or every future would hang. In the caller's
+        thread it is the user's Ctrl-C, and it propagates.
         """
         return isinstance(error, Exception) or threading.current_thread() is self._collector
 
@@ -881,7 +930,8 @@ class Engine:
                     self._withdraw(withdraw)
                 # Also under steady load, when the queue is never empty for long.
                 self._shared.release_idle()
-            except Exception:  # never let the collector die: futures would hang
+            except BaseException:  # never let the collector die: futures would hang
+                # (Not the main thread: no Ctrl-C is swallowed here.)
                 logger.exception("sulis_executor: error while collecting results")
             if stop:
                 return
@@ -904,9 +954,12 @@ class Engine:
             try:
                 _, error, tb = cloudpickle.loads(pushed.payload)
                 error = rebuild_exception(error, tb)
-            except Exception as unreadable:
-                error = BrokenSulisExecutor(f"a worker failed running {batch.name}, with an error "
-                                            f"that cannot be unpickled here: {unreadable}")
+            except BaseException as unreadable:
+                if not self._fails_the_call(unreadable):
+                    raise
+                error = UnpicklingFailedError(f"a worker failed running {batch.name}, with an "
+                                              f"error that cannot be unpickled here: {unreadable}")
+                error.__cause__ = unreadable
             self._settle(batch, error)
         else:
             self._deliver(batch, pushed.payload)
@@ -1034,32 +1087,55 @@ class Engine:
         )
 
     def _deliver(self, batch: Batch, payload: Any) -> None:
+        """Settle a batch's futures with its result (see
+        ``_remote._dumps_entries``), or the error fetching it raised."""
         if isinstance(payload, BaseException):
             self._settle(batch, payload)
             return
-        outcomes, seconds = cloudpickle.loads(payload)
-        if isinstance(outcomes, list) and outcomes and outcomes[0][0] == _remote.BROKEN:
+        try:
+            outcomes, seconds = self._read_outcomes(payload)
+        except BaseException as error:  # not a payload of ours: a bug
+            if not self._fails_the_call(error):
+                raise
+            outcomes, seconds = [(UNREADABLE_HERE, error, "")], 0.0
+        if outcomes[0][0] == _remote.BROKEN:
             _, message, tb = outcomes[0]
             self.mark_broken(message, tb)
             self._settle(batch, self.broken_error())
             return
-        if batch.kind == _remote.CHUNK:
-            if len(batch.calls) == 1:
-                results = [(outcomes, seconds)]
-            else:  # each chunk's result pickled on its own (see _remote._run_chunks)
-                results = [cloudpickle.loads(value) for _, value in outcomes]
-            timing = batch.calls[0].timing
-            if timing is not None:
-                timing.observe(seconds / len(results))
-            for call, result in zip(batch.calls, results):
-                self._set(call, result)
-            return
-        self._call_timing.observe(seconds / max(1, len(outcomes)))
+        if len(outcomes) != len(batch.calls):
+            # The batch as a whole could not be read: all its calls fail so.
+            outcomes = outcomes[:1] * len(batch.calls)
+        elif batch.kind == _remote.CALLS:
+            self._call_timing.observe(seconds / len(outcomes))
+        elif batch.calls[0].timing is not None:
+            batch.calls[0].timing.observe(seconds / len(outcomes))
         for call, outcome in zip(batch.calls, outcomes):
-            if outcome[0] == _remote.OK:
+            tag = outcome[0]
+            if tag == _remote.OK:
                 self._set(call, outcome[1])
-            else:
+            elif tag == _remote.ERROR:
                 self._set(call, rebuild_exception(outcome[1], outcome[2]), error=True)
+            else:
+                self._set(call, unpickling_failed(call, outcome, batch.name), error=True)
+
+    def _read_outcomes(self, payload: Any) -> tuple[list[Any], float]:
+        """A batch's outcomes (see ``_remote._dumps_entries``), one per call
+        or map chunk, and its ``seconds``. One that cannot be unpickled is
+        ``(UNREADABLE_HERE, the error, "")``, whatever the error (even
+        ``SystemExit``, from a ``__reduce__``, in the collector thread)."""
+        view, ends, seconds = _remote.read_entries(payload)
+        outcomes = []
+        start = 0
+        for end in ends:
+            try:
+                outcomes.append(pickle.loads(view[start:end]))
+            except BaseException as error:
+                if not self._fails_the_call(error):
+                    raise
+                outcomes.append((UNREADABLE_HERE, error, ""))
+            start = end
+        return outcomes, seconds
 
     def _set(self, call: Call, value: Any, error: bool = False) -> None:
         with self._lock:

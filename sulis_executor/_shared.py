@@ -342,19 +342,37 @@ def _key_of(raw: memoryview) -> str:
     return f"sulis-shared-{raw.nbytes}-{hash_buffer_hex(raw)}"
 
 
+class Unreadable:
+    """Stands, in what :func:`loads` returns, for a part that could not be
+    unpickled: ``error`` is what unpickling it raised."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
 def loads(payload: Any, shared: tuple[Any, ...]) -> list[Any]:
     """Unpickle a batch's parts on a worker. ``payload`` is the pickle, or
     the file it was shared through; ``shared`` are its out-of-band buffers
     in order; each part gets its own copy of those it uses, so a call owns
-    (and may change) its arguments."""
+    (and may change) its arguments.
+
+    A part that cannot be unpickled is returned as an :class:`Unreadable`,
+    whatever it raised (even ``SystemExit``, from a ``__reduce__``: this runs
+    in a worker's task thread, which signals never reach), so that only its
+    call fails. Errors reading the payload itself propagate."""
     if isinstance(payload, SharedFile):
         payload = payload.read()
     pickled, counts = pickle.loads(payload)
-    parts = []
+    parts: list[Any] = []
     position = 0
     for part, count in zip(pickled, counts):
-        buffers = [b.read() if isinstance(b, SharedFile) else bytearray(b)
-                   for b in shared[position:position + count]]
+        used = shared[position:position + count]
         position += count
-        parts.append(pickle.loads(part, buffers=buffers))
+        try:
+            buffers = [b.read() if isinstance(b, SharedFile) else bytearray(b) for b in used]
+            parts.append(pickle.loads(part, buffers=buffers))
+        except BaseException as error:
+            parts.append(Unreadable(error))
     return parts

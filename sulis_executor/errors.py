@@ -8,21 +8,32 @@ written for :class:`concurrent.futures.ProcessPoolExecutor` already catches::
     │   └── concurrent.futures.process.BrokenProcessPool
     │       ├── BrokenSulisExecutor     the executor cannot run work any more
     │       │                           (failed initializer, lost scheduler)
-    │       └── WorkerDiedError         a task's worker died (each time it was
-    │                                   tried); the executor stays usable
+    │       ├── WorkerDiedError         a task's worker died (each time it was
+    │       │                           tried); the executor stays usable
+    │       └── UnpicklingFailedError   a call could not be unpickled on its
+    │                                   worker, or its result here; only that
+    │                                   call fails, the executor stays usable
     ├── pickle.PicklingError + TypeError
-    │   └── UnpicklableError            an argument, function or result could
-    │                                   not be pickled; names the culprit
+    │   └── UnpicklableError            pickling raised KeyboardInterrupt or
+    │                                   SystemExit (kept as ``__cause__``), or
+    │                                   the object was a SulisDaskExecutor
     ├── TimeoutError
     │   └── ClusterStartupTimeout       workers or a scheduler did not arrive
     │                                   within ``timeout=``
     └── RemoteTraceback                 attached as ``__cause__`` of exceptions
                                         re-raised from a worker
+
+An error raised while pickling a call's function or arguments, or a call's
+result on its worker, keeps its own type, as with ``ProcessPoolExecutor``
+(a ``TypeError`` for a lock, a ``ZeroDivisionError`` raised by a
+``__reduce__``), with a note (PEP 678, ``__notes__``) naming the culprit:
+which argument of which function, or which result, and its type.
 """
 
 from __future__ import annotations
 
 import pickle
+import sys
 from concurrent.futures.process import BrokenProcessPool
 
 __all__ = [
@@ -30,6 +41,7 @@ __all__ = [
     "ClusterStartupTimeout",
     "RemoteTraceback",
     "UnpicklableError",
+    "UnpicklingFailedError",
     "WorkerDiedError",
 ]
 
@@ -47,8 +59,30 @@ class WorkerDiedError(BrokenProcessPool):
     """
 
 
+class UnpicklingFailedError(BrokenProcessPool):
+    """A call could not be unpickled on its worker, or its result in this
+    process: rebuilding an object there raised (a module the other side
+    cannot import, a class that differs there, a ``__reduce__`` or
+    ``__setstate__`` that raises). The error it raised, whatever it was, even
+    ``SystemExit`` or ``KeyboardInterrupt``, is the ``__cause__``.
+
+    ``ProcessPoolExecutor`` breaks the whole pool on such an error (and a
+    ``SystemExit`` raised rebuilding a call ends its worker); here only the
+    call concerned fails, or the ``map`` chunk, so ``map`` raises there.
+    The other calls, even those sent in the same batch, complete, and the
+    executor stays usable.
+    """
+
+
 class UnpicklableError(pickle.PicklingError, TypeError):
-    """An object that has to cross a process boundary could not be pickled.
+    """Pickling an object raised ``KeyboardInterrupt`` or ``SystemExit``
+    (a ``__reduce__`` can), which is its ``__cause__`` (or, for a result on
+    a worker, is named in the message): the future fails with this instead,
+    so that ``result()`` cannot end the caller's script. Pickling a
+    :class:`SulisDaskExecutor` (to use it inside its own task) raises it too.
+
+    Any other pickling error keeps its own type, as with
+    ``ProcessPoolExecutor``, with a note naming the culprit.
 
     It subclasses both :class:`pickle.PicklingError` and :class:`TypeError`
     because ``ProcessPoolExecutor`` raises either, depending on the object.
@@ -72,3 +106,15 @@ class RemoteTraceback(Exception):
 
     def __str__(self) -> str:
         return self.tb
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """Add a PEP 678 note to ``error``; on Python 3.10, which has no
+    ``add_note``, set ``__notes__`` (which 3.11+ tracebacks print) as it would."""
+    try:
+        if sys.version_info >= (3, 11):
+            error.add_note(note)
+        else:
+            setattr(error, "__notes__", [*getattr(error, "__notes__", ()), note])  # noqa: B010
+    except (AttributeError, TypeError):  # an exception that refuses attributes
+        pass

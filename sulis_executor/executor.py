@@ -54,7 +54,7 @@ from ._quiet import silence_dask_logs
 from ._security import DeferredSecurity
 from ._signals import leave_signals_to_main_thread
 from .config import ExecutorOptions, resolve_options
-from .errors import BrokenSulisExecutor, ClusterStartupTimeout
+from .errors import BrokenSulisExecutor, ClusterStartupTimeout, UnpicklableError
 from .launchers import choose_launch_mode, make_launcher
 from .launchers._scheduler import forwards_results, in_process_scheduler
 from .launchers.base import Cluster
@@ -453,7 +453,7 @@ class SulisDaskExecutor(Executor):
             ) from None
 
     def __reduce__(self) -> Any:
-        raise TypeError(
+        raise UnpicklableError(
             "a SulisDaskExecutor cannot be sent to a worker, so tasks cannot submit to "
             "their own executor; return the work to the client and submit from there, "
             "or use distributed.worker_client() inside the task"

@@ -135,3 +135,72 @@ def wait_for_event(event, waiting, timeout: float = 30.0) -> bool:
     ``Manager`` event the caller sets; ``False`` if it never does."""
     waiting.put(os.getpid())
     return event.wait(timeout)
+
+
+# -- objects that fail to pickle or unpickle ----------------------------------
+
+
+def refuse_to_rebuild(how: str, padding: bytes = b""):
+    """Called by unpickling a ``RefusesToUnpickle``: raise as ``how`` says."""
+    if how == "ValueError":
+        raise ValueError("refused to unpickle, on purpose")
+    if how == "SystemExit":
+        raise SystemExit("refused to unpickle, on purpose")
+    if how == "KeyboardInterrupt":
+        raise KeyboardInterrupt("refused to unpickle, on purpose")
+    raise AssertionError(how)
+
+
+class RefusesToUnpickle:
+    """Pickles anywhere; unpickling it raises ``how`` (``"ValueError"``,
+    ``"SystemExit"`` or ``"KeyboardInterrupt"``), as a ``__reduce__`` or
+    ``__setstate__`` that fails can. ``padding`` makes its pickle large."""
+
+    def __init__(self, how: str, padding: int = 0) -> None:
+        self.how = how
+        self.padding = b"\x01" * padding
+
+    def __reduce__(self):
+        return (refuse_to_rebuild, (self.how, self.padding))
+
+
+def make_refusing(how: str, padding: int = 0) -> RefusesToUnpickle:
+    """A result that cannot be unpickled by the caller."""
+    return RefusesToUnpickle(how, padding)
+
+
+def refusing_if(x, bad, how: str = "ValueError", padding: int = 0):
+    """``x``, except that item ``bad`` gives a result that cannot be unpickled."""
+    return RefusesToUnpickle(how, padding) if x == bad else x
+
+
+class DividesByZeroWhenPickled:
+    """An argument whose ``__reduce__`` raises ``ZeroDivisionError``."""
+
+    def __reduce__(self):
+        return 1 / 0
+
+
+class ExitsWhenPickled:
+    """An object whose ``__reduce__`` raises ``SystemExit``."""
+
+    def __reduce__(self):
+        raise SystemExit("refused to pickle, on purpose")
+
+
+def make_unpicklable(how: str):
+    """A result whose pickling raises ``ZeroDivisionError`` or ``SystemExit``."""
+    return DividesByZeroWhenPickled() if how == "ZeroDivisionError" else ExitsWhenPickled()
+
+
+def task_key_or_refusing(i: int, bad: int, key_file: str):
+    """``(i, the key of the Dask task running this call)``; for item ``bad``
+    a result that cannot be unpickled, its task's key written to ``key_file``."""
+    from distributed import get_worker
+
+    key = str(get_worker().get_current_task())
+    if i == bad:
+        with open(key_file, "w") as f:
+            f.write(key)
+        return RefusesToUnpickle("ValueError")
+    return i, key

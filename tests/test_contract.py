@@ -27,14 +27,22 @@ import pickle
 import socket
 import threading
 import time
+import traceback
 import weakref
 from concurrent import futures
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import pytest
 
-from sulis_executor import RemoteTraceback, SulisDaskExecutor, UnpicklableError
+from sulis_executor import (
+    BrokenSulisExecutor,
+    RemoteTraceback,
+    SulisDaskExecutor,
+    UnpicklableError,
+    UnpicklingFailedError,
+)
 from tests import contract_helpers as h
 from tests.waiting import wait_until
 
@@ -177,8 +185,7 @@ def test_unpicklable_argument_fails_the_future_naming_the_type(executor):
     assert isinstance(exc, (TypeError, pickle.PicklingError))
     assert "lock" in str(exc).lower()
     if is_sulis(executor):
-        assert isinstance(exc, UnpicklableError)
-        assert isinstance(exc, TypeError) and isinstance(exc, pickle.PicklingError)
+        assert "positional argument 0 of identity(), of type _thread.lock" in notes(exc)
     # The executor stays usable.
     assert executor.submit(h.square, 3).result(timeout=30) == 9
 
@@ -654,6 +661,190 @@ def test_manager_proxies_work_in_a_worker_that_replaced_a_killed_one(mp_context,
         second = ex.submit(h.store_pid, written, "second").result(timeout=30)
     assert second != first
     assert dict(written) == {"first": first, "second": second}
+
+
+# -- objects that fail to pickle or unpickle -----------------------------------
+
+
+def notes(error: BaseException) -> str:
+    """The PEP 678 notes of an exception, as one string."""
+    return "\n".join(getattr(error, "__notes__", []))
+
+
+def report(error: BaseException) -> str:
+    """What the default traceback printout shows, causes included."""
+    return "".join(traceback.format_exception(error))
+
+
+def test_an_argument_whose_pickling_raises_fails_its_call_with_that_error(executor):
+    future = executor.submit(h.identity, h.DividesByZeroWhenPickled())
+    exc = future.exception(timeout=30)
+    assert type(exc) is ZeroDivisionError
+    if is_sulis(executor):
+        assert ("positional argument 0 of identity(), of type "
+                "tests.contract_helpers.DividesByZeroWhenPickled, cannot be pickled") in notes(exc)
+    assert executor.submit(h.square, 3).result(timeout=30) == 9
+
+
+def test_a_map_item_whose_pickling_raises_fails_the_map_with_that_error(executor):
+    results = executor.map(h.identity, [0, 1, h.DividesByZeroWhenPickled(), 3], chunksize=2)
+    assert [next(results), next(results)] == [0, 1]
+    with pytest.raises(ZeroDivisionError) as info:
+        next(results)
+    if is_sulis(executor):
+        assert "argument 0 of item 2 given to map(identity)" in notes(info.value)
+
+
+def test_a_result_whose_pickling_raises_fails_its_call_with_that_error(executor):
+    exc = executor.submit(h.make_unpicklable, "ZeroDivisionError").exception(timeout=30)
+    assert type(exc) is ZeroDivisionError
+    if is_sulis(executor):
+        assert ("the result, of type tests.contract_helpers.DividesByZeroWhenPickled, could not "
+                "be pickled") in notes(exc)
+    assert executor.submit(h.square, 3).result(timeout=30) == 9
+
+
+# A result that refuses to unpickle: how, and how large (pushed results are
+# at most 1 MB; larger ones are fetched).
+REFUSALS = [("ValueError", 0), ("SystemExit", 0), ("KeyboardInterrupt", 0),
+            ("ValueError", 2 * MB), ("SystemExit", 2 * MB)]
+
+
+@pytest.mark.parametrize("how, padding", REFUSALS)
+def test_a_result_that_cannot_be_unpickled_fails_its_call_as_a_broken_pool_with_the_cause(
+        executor, capfd, how, padding):
+    # ProcessPoolExecutor breaks the whole pool then; we fail that call only.
+    future = executor.submit(h.make_refusing, how, padding)
+    exc = future.exception(timeout=30)
+    assert isinstance(exc, BrokenProcessPool)
+    assert f"{how}: refused to unpickle, on purpose" in report(exc)
+    if is_sulis(executor):
+        assert isinstance(exc, UnpicklingFailedError) and not isinstance(exc, BrokenSulisExecutor)
+        assert "the result of make_refusing() could not be unpickled here" in str(exc)
+        assert type(exc.__cause__).__name__ == how
+        assert executor.submit(h.square, 3).result(timeout=30) == 9
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_map_raises_at_the_chunk_whose_results_cannot_be_unpickled(executor, capfd):
+    # Short chunks of 3 travel to the cluster several to a task; only the
+    # chunk with item 700 fails (with ProcessPoolExecutor, the whole pool).
+    results = []
+    with pytest.raises(BrokenProcessPool) as info:
+        for r in executor.map(h.refusing_if, range(900), itertools.repeat(700), chunksize=3):
+            results.append(r)
+    assert results == list(range(len(results)))
+    assert "ValueError: refused to unpickle, on purpose" in report(info.value)
+    if is_sulis(executor):
+        assert results == list(range(699))
+        assert isinstance(info.value, UnpicklingFailedError)
+        assert "the results of items 699-701 of map(refusing_if)" in str(info.value)
+        assert list(executor.map(h.square, range(10), chunksize=3)) == [i * i for i in range(10)]
+    assert "Traceback" not in capfd.readouterr().err
+
+
+# -- Sulis only: unpickling errors fail only the calls concerned -------------
+
+
+@pytest.fixture(params=["attached", "local"])
+def sulis_executor(request, scheduler_address):
+    """Ours attached to the session's cluster (batches go as Dask tasks,
+    results are pushed, or fetched if larger than 1 MB) and with a cluster
+    of its own (batches go to runners)."""
+    if request.param == "local":
+        ex = SulisDaskExecutor(max_workers=2)
+    else:
+        ex = request.getfixturevalue("shared_executor")
+    yield ex
+    ex.shutdown(wait=True, cancel_futures=True)
+
+
+def warm_up(ex) -> None:
+    """Run a few calls first, so that the executor has timed them and sends
+    the next ones in batches of many."""
+    assert sum(ex.submit(h.square, i).result(timeout=30) for i in range(20)) == 2470
+
+
+def test_a_result_that_cannot_be_unpickled_fails_alone_among_its_batch_mates(
+        sulis_executor, capfd, tmp_path, request):
+    ex = sulis_executor
+    warm_up(ex)
+    key_file = tmp_path / "bad.key"
+    futures_ = [ex.submit(h.task_key_or_refusing, i, 500, str(key_file)) for i in range(1000)]
+    bad = futures_.pop(500)
+    error = bad.exception(timeout=30)
+    assert isinstance(error, UnpicklingFailedError)
+    assert isinstance(error.__cause__, ValueError)
+    good = [f.result(timeout=30) for f in futures_]
+    assert [i for i, _ in good] == [i for i in range(1000) if i != 500]
+    if request.node.callspec.params["sulis_executor"] == "attached":
+        # Each batch is a Dask task, and its calls see its key: the bad
+        # result shared its batch, and the payload of results, with good
+        # ones. (A runner's calls all see the runner's key, whatever batch.)
+        assert key_file.read_text() in {key for _, key in good}
+    assert ex.submit(h.square, 3).result(timeout=30) == 9
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_a_result_whose_pickling_raises_system_exit_fails_its_call_with_unpicklable_error(
+        sulis_executor, capfd):
+    # ProcessPoolExecutor sends the SystemExit back, and result() raises it.
+    ex = sulis_executor
+    exc = ex.submit(h.make_unpicklable, "SystemExit").exception(timeout=30)
+    assert isinstance(exc, UnpicklableError)
+    assert "the result, of type tests.contract_helpers.ExitsWhenPickled, could not be pickled" in str(exc)
+    assert "SystemExit: refused to pickle, on purpose" in str(exc)
+    assert ex.submit(h.square, 3).result(timeout=30) == 9
+    assert "Traceback" not in capfd.readouterr().err
+
+
+# A call whose argument refuses to unpickle on the worker: how, and how
+# large (a payload of 1 MB or more is shared rather than sent with the task).
+CALL_REFUSALS = [("ValueError", 0), ("SystemExit", 0), ("KeyboardInterrupt", 0), ("ValueError", 2 * MB)]
+
+
+@pytest.mark.parametrize("how, padding", CALL_REFUSALS)
+def test_a_call_that_cannot_be_unpickled_on_its_worker_fails_as_a_broken_pool_with_the_cause(
+        sulis_executor, capfd, how, padding):
+    # ProcessPoolExecutor's worker dies of it (a SystemExit ends it), so the
+    # pool breaks, with no cause; here the call fails with its cause.
+    ex = sulis_executor
+    future = ex.submit(h.identity, h.RefusesToUnpickle(how, padding))
+    exc = future.exception(timeout=30)
+    assert isinstance(exc, UnpicklingFailedError) and not isinstance(exc, BrokenSulisExecutor)
+    assert "the call to identity() could not be unpickled on its worker" in str(exc)
+    assert type(exc.__cause__).__name__ == how
+    assert f"{how}: refused to unpickle, on purpose" in report(exc)
+    assert "in refuse_to_rebuild" in report(exc)  # where, on the worker
+    assert ex.submit(h.square, 3).result(timeout=30) == 9
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["ValueError", "SystemExit"])
+def test_a_call_that_cannot_be_unpickled_fails_alone_among_its_batch_mates(sulis_executor, capfd, how):
+    ex = sulis_executor
+    warm_up(ex)
+    calls = [ex.submit(h.square, i) for i in range(300)]
+    bad = ex.submit(h.identity, h.RefusesToUnpickle(how))
+    calls += [ex.submit(h.square, i) for i in range(300, 600)]
+    assert isinstance(bad.exception(timeout=30), UnpicklingFailedError)
+    assert [f.result(timeout=30) for f in calls] == [i * i for i in range(600)]
+    assert ex.submit(h.square, 3).result(timeout=30) == 9
+    assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["ValueError", "SystemExit"])
+def test_a_map_raises_at_the_chunk_that_cannot_be_unpickled_on_its_worker(sulis_executor, capfd, how):
+    ex = sulis_executor
+    items = [h.RefusesToUnpickle(how) if i == 700 else i for i in range(900)]
+    results = []
+    with pytest.raises(UnpicklingFailedError, match=r"items 699-701 given to map\(identity\)") as info:
+        for r in ex.map(h.identity, items, chunksize=3):
+            results.append(r)
+    assert results == list(range(699))
+    assert type(info.value.__cause__).__name__ == how
+    assert list(ex.map(h.square, range(10), chunksize=3)) == [i * i for i in range(10)]
+    assert "Traceback" not in capfd.readouterr().err
 
 
 # -- Sulis only: map(buffersize=) (Python 3.14) ------------------------------
