@@ -123,9 +123,21 @@ def _wait_for_ready(proc: subprocess.Popen[str], deadline: float) -> dict[str, o
     raise AssertionError(f"the script never got ready; its output: {''.join(seen)}")
 
 
+@pytest.fixture(params=["idle", "busy"])
+def machine_load(request: pytest.FixtureRequest):
+    """``busy``: two processes spin on the CPUs for the whole test, as other
+    jobs on a shared node do, so that every thread waits for its turn."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                for _ in range(2 if request.param == "busy" else 0)]
+    yield request.param
+    for spinner in spinners:
+        spinner.kill()
+        spinner.wait()
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("target", ["group", "main"])
-def test_ctrl_c_in_a_map_leaves_no_worker_behind(tmp_path: Path, target: str) -> None:
+def test_ctrl_c_in_a_map_leaves_no_worker_behind(tmp_path: Path, target: str, machine_load: str) -> None:
     """``group``: what a terminal's Ctrl-C does (SIGINT to every process of the
     foreground group, workers included); ``main``: only the script's process
     gets it (``kill -INT <pid>``)."""
