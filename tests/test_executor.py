@@ -889,9 +889,15 @@ def _shared_bytes(ex) -> int:
     """Bytes of shared buffers the cluster holds for ``ex`` now: files in
     its private directory on a local cluster, Dask data on the others."""
     shared = getattr(ex._launcher, "_shared", None)
-    if shared is not None:
-        return sum(f.stat().st_size for f in Path(shared.path).iterdir())
-    return ex.client.run_on_scheduler(tasks.shared_bytes_on_scheduler)
+    if shared is None:
+        return ex.client.run_on_scheduler(tasks.shared_bytes_on_scheduler)
+    total = 0
+    for file in Path(shared.path).iterdir():
+        try:
+            total += file.stat().st_size
+        except FileNotFoundError:  # released since
+            pass
+    return total
 
 
 def _shared_bytes_while(ex, work) -> list[int]:
