@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# A real 3-node SLURM cluster (n1, n2, n3) on this one machine, for tests.
+# A real SLURM cluster of emulated nodes (n1, n2, ...) on this one machine, for tests.
 #
-#   tests/slurm/cluster.sh start    # install if needed, start, wait until 3 nodes idle
+#   tests/slurm/cluster.sh start    # install if needed, start, wait until every node is idle
 #   eval "$(tests/slurm/cluster.sh start)"   # ... and export SLURM_CONF in the caller
-#   tests/slurm/cluster.sh status   # exit 0 iff 3 nodes are idle
+#   tests/slurm/cluster.sh status   # exit 0 iff every node is idle
 #   tests/slurm/cluster.sh stop     # stop the daemons this script started
 #
 # Everything (config, keys, sockets, spool, logs, pid files) lives in
 # ${SULIS_SLURM_DIR:-/tmp/sulis-slurm}; nothing under /etc is touched, so the
 # caller must use SLURM_CONF (printed by `start`) for sinfo/sbatch/srun/...
+#
+# Its size: SULIS_SLURM_NODES nodes (default 3) of SULIS_SLURM_CPUS CPUs
+# (default 4) and SULIS_SLURM_MEMORY MB (default 6000) each. A machine with
+# 2 cores can declare 16 x 8 or 1 x 128 (see SlurmdParameters below): the
+# scale benchmark (benchmarks/scale.py) starts such clusters beside the
+# tests' own, each in a directory of its own, with ports of its own
+# (SULIS_SLURMCTLD_PORT, SULIS_SLURMD_PORT: the first node's; the others
+# follow).
+#
+# `start` also prints `export SULIS_SLURM_STARTED=1` when it started the
+# daemons (rather than finding them running), so that its caller knows to
+# stop them when done, and to leave alone a cluster it did not start.
 #
 # Needs root: slurmd must be able to become the submitting user, and munged
 # must run as the `munge` user.  Tested with Debian 12 (SLURM 22.05, munge 0.5.15).
@@ -33,9 +45,14 @@ STATE_DIR=${SULIS_SLURM_DIR:-/tmp/sulis-slurm}
 CONF=$STATE_DIR/slurm.conf
 MUNGE_DIR=$STATE_DIR/munge
 MUNGE_SOCKET=$MUNGE_DIR/munge.socket
-NODES=(n1 n2 n3)
+NODE_COUNT=${SULIS_SLURM_NODES:-3}
+NODE_CPUS=${SULIS_SLURM_CPUS:-4}
+NODE_MEMORY=${SULIS_SLURM_MEMORY:-6000}
+NODES=()
+for ((i = 1; i <= NODE_COUNT; i++)); do NODES+=("n$i"); done
 # Fixed but unusual ports so we don't clash with a system SLURM (6817/6818).
 CTLD_PORT=${SULIS_SLURMCTLD_PORT:-16817}
+SLURMD_PORT=${SULIS_SLURMD_PORT:-17001}
 START_TIMEOUT=${SULIS_SLURM_START_TIMEOUT:-60}
 
 log() { echo "cluster.sh: $*" >&2; }
@@ -71,7 +88,7 @@ install_packages() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >&2
 }
 
-three_idle() {
+all_idle() {
     # `sinfo -h -N -o '%N %t'` prints one line per node; "idle" only once slurmd
     # has registered and the node is usable (ReturnToService=2 clears "down").
     local n
@@ -85,10 +102,10 @@ write_slurm_conf() {
     # Gotchas encoded here:
     # - ProctrackType=proctrack/linuxproc + TaskPlugin=task/none: cgroup plugins
     #   need a writable, delegated cgroup tree, which containers/CI VMs rarely give.
-    # - SlurmdParameters=config_overrides: we claim CPUs=4/RealMemory=6000 per
-    #   node even on a 2-CPU box; without it slurmd sees fewer CPUs than
+    # - SlurmdParameters=config_overrides: we claim CPUs=$NODE_CPUS and
+    #   RealMemory=$NODE_MEMORY per node even on a 2-CPU box; without it slurmd sees fewer CPUs than
     #   configured and the node is drained ("Low socket*core*thread count").
-    # - NodeHostname=<this host> for all three nodes + distinct Port: that is
+    # - NodeHostname=<this host> for every node + distinct Port: that is
     #   what lets several slurmd (-N n1 ...) coexist on one machine. SLURM then
     #   reports SLURMD_NODENAME=n1..n3 while `hostname` is the same everywhere.
     # - SelectType=select/cons_tres + CR_CPU_Memory: memory is a consumable
@@ -139,8 +156,8 @@ InactiveLimit=0
 MinJobAge=300
 Waittime=0
 GresTypes=gpu
-NodeName=n[1-3] NodeHostname=$host NodeAddr=127.0.0.1 Port=[17001-17003] CPUs=4 RealMemory=6000 Gres=gpu:2 State=UNKNOWN
-PartitionName=debug Nodes=n[1-3] Default=YES MaxTime=INFINITE State=UP
+NodeName=n[1-$NODE_COUNT] NodeHostname=$host NodeAddr=127.0.0.1 Port=[$SLURMD_PORT-$((SLURMD_PORT + NODE_COUNT - 1))] CPUs=$NODE_CPUS RealMemory=$NODE_MEMORY Gres=gpu:2 State=UNKNOWN
+PartitionName=debug Nodes=n[1-$NODE_COUNT] Default=YES MaxTime=INFINITE State=UP
 EOF
     # Two fake GPUs per node, so `--gres=gpu:N` jobs get real SLURM_JOB_GPUS /
     # CUDA_VISIBLE_DEVICES.  slurmd insists File= is a character or block
@@ -155,7 +172,7 @@ EOF
     ln -sfn /dev/null "$STATE_DIR/dev/gpu1"
     cat >"$STATE_DIR/gres.conf" <<EOF
 AutoDetect=off
-NodeName=n[1-3] Name=gpu File=$STATE_DIR/dev/gpu[0-1]
+NodeName=n[1-$NODE_COUNT] Name=gpu File=$STATE_DIR/dev/gpu[0-1]
 EOF
 }
 
@@ -194,7 +211,7 @@ start() {
     install_packages
     export SLURM_CONF=$CONF
     # Check pid files first: sinfo against a dead controller retries for ~10 s.
-    if daemons_alive && three_idle; then
+    if daemons_alive && all_idle; then
         log "already running"
         echo "export SLURM_CONF=$CONF"
         return 0
@@ -215,12 +232,13 @@ start() {
         mkdir -p "$STATE_DIR/spool/$n"
         slurmd -N "$n" || die "slurmd -N $n failed; see $STATE_DIR/log/slurmd.$n.log"
     done
-    if ! wait_for "$START_TIMEOUT" three_idle; then
+    if ! wait_for "$START_TIMEOUT" all_idle; then
         SLURM_CONF=$CONF sinfo -N -l >&2 || true
         die "nodes not idle after ${START_TIMEOUT}s; logs in $STATE_DIR/log"
     fi
-    log "3 nodes idle after $((SECONDS - t0))s"
+    log "$NODE_COUNT nodes idle after $((SECONDS - t0))s"
     echo "export SLURM_CONF=$CONF"
+    echo "export SULIS_SLURM_STARTED=1"
 }
 
 # Send SIGTERM to the daemons in the given pid files, wait for all of them
@@ -246,8 +264,9 @@ stop_pidfiles() {
 }
 
 stop() {
-    local n slurmd_pidfiles=()
-    for n in "${NODES[@]}"; do slurmd_pidfiles+=("$STATE_DIR/slurmd.$n.pid"); done
+    # Every node's pid file, whatever size the cluster was started with.
+    local slurmd_pidfiles=("$STATE_DIR"/slurmd.*.pid)
+    [[ -e ${slurmd_pidfiles[0]} ]] || slurmd_pidfiles=()
     # slurmd first (they kill their job steps), then the controller, then munge
     # which both of them need while shutting down.
     stop_pidfiles "${slurmd_pidfiles[@]}"
@@ -258,8 +277,8 @@ stop() {
 
 status() {
     daemons_alive || { log "not running (see pid files in $STATE_DIR)"; return 1; }
-    if three_idle; then
-        log "3 nodes idle"
+    if all_idle; then
+        log "$NODE_COUNT nodes idle"
         return 0
     fi
     SLURM_CONF=$CONF sinfo -N 2>&1 >&2 || true

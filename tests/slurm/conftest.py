@@ -23,8 +23,10 @@ from tests.slurm.jobs import CLUSTER_SH
 
 
 @pytest.fixture(scope="session")
-def slurm_conf() -> str:
-    """Start (or find) the test cluster; return its SLURM_CONF."""
+def slurm_conf():
+    """Start (or find) the test cluster; return its SLURM_CONF. A cluster
+    this session started is stopped at its end; one it found running is
+    left alone."""
     result = subprocess.run(
         ["bash", str(CLUSTER_SH), "start"], capture_output=True, text=True, timeout=900,
     )
@@ -35,7 +37,9 @@ def slurm_conf() -> str:
     match = re.search(r"export SLURM_CONF=(\S+)", result.stdout)
     if match is None:
         raise RuntimeError(f"{CLUSTER_SH} start printed no SLURM_CONF: {result.stdout!r}")
-    return match.group(1)
+    yield match.group(1)
+    if "export SULIS_SLURM_STARTED=1" in result.stdout:
+        subprocess.run(["bash", str(CLUSTER_SH), "stop"], capture_output=True, timeout=120)
 
 
 
