@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
-from ._engine import rebuild_exception
+from ._calls import rebuild_exception
 
 #: Adaptive chunks aim to take about this long on a worker (joblib aims at
 #: 0.2-2 s). Each chunk costs a round trip during which its worker idles: a

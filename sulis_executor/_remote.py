@@ -1,5 +1,5 @@
-"""What runs inside a worker process: one cluster task runs a batch of calls,
-or, as a runner (``run_pulled``), batch after batch handed out on request.
+"""What runs where the calls run: a batch of calls, in a member of a node's
+pool (``run_batch_here``, see ``_pool``), or as a Dask task (``run_batch``).
 
 A batch arrives as one payload (its calls pickled one by one, see
 ``_shared``) and leaves as one ``bytes`` payload of outcomes (see
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import queue
 import threading
 import time
 import traceback
@@ -44,22 +43,6 @@ BROKEN = 2
 # error unpickling raised, traceback text). As the only outcome of a batch of
 # several, the batch's payload as a whole could not be read.
 UNREADABLE = 3
-
-#: The stream message that carries a batch's result from its worker, through
-#: the scheduler, to the client that submitted it (see ``send_back``).
-RESULT_OP = "sulis-executor-result"
-#: Results up to this size are pushed that way; larger ones wait for the
-#: client to fetch them, as Dask's results do.
-PUSH_LIMIT = 1_000_000
-
-#: The stream messages of runners (see ``run_pulled``): a runner's request for
-#: its next batch, with its last batch's result, goes to the scheduler; the
-#: batch, or ``None`` when there is none, comes back.
-PULL_OP = "sulis-executor-pull"
-HANDOUT_OP = "sulis-executor-handout"
-#: How long a runner waits for an answer before ending (the scheduler, in the
-#: executor's process, is gone).
-PULL_TIMEOUT = 60.0
 
 # Batch kinds: independent calls (each gets an outcome), or one function
 # mapped over a chunk of argument tuples (stops at the first error, as the
@@ -98,6 +81,13 @@ class InitializerPlugin(_WorkerPlugin):  # type: ignore[misc,valid-type]
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(state["initializer"], state["initargs"])  # type: ignore[misc]
 
+    def setup(self, worker: Any) -> None:
+        """On a node's agent, whose pool's members run the calls: give them
+        the initializer (see ``_pool``)."""
+        pool = getattr(worker, "_sulis_pool", None)
+        if pool is not None:
+            pool.set_initializer(cloudpickle.dumps((self.initializer, self.initargs)))
+
     def ensure_initialized(self) -> tuple[int, str, str] | None:
         """Run the initializer once per process; return a BROKEN outcome if it failed."""
         with self._lock:
@@ -113,104 +103,6 @@ class InitializerPlugin(_WorkerPlugin):  # type: ignore[misc,valid-type]
                         traceback.format_exc(),
                     )
             return None if self._outcome[0] == OK else self._outcome
-
-
-def task_budget_plugin_name(token: str) -> str:
-    return f"sulis-executor-max-tasks-{token}"
-
-
-#: The task budget of this worker process, by executor token (see TaskBudget).
-_budgets: dict[str, TaskBudget] = {}
-
-
-class TaskBudget(_WorkerPlugin):  # type: ignore[misc,valid-type]
-    """``max_tasks_per_child``: each worker process runs at most this many
-    cluster tasks, then leaves, and its launcher starts a fresh one.
-
-    A task counts as ``ProcessPoolExecutor`` counts one: a submitted call
-    (the engine then sends one call per task) or a chunk of ``map``. A task
-    the scheduler hands over while the worker leaves is given back
-    (``Reschedule``), never run.
-
-    The worker leaves only once the client has the results it computed:
-    Dask would run the calls again for a result lost with its worker.
-    """
-
-    #: How long a leaving worker waits for the client to take its results.
-    RETIRE_TIMEOUT = 30.0
-
-    def __init__(self, token: str, max_tasks: int) -> None:
-        self.token = token
-        self.max_tasks = max_tasks
-        self._lock = threading.Lock()
-        self._left = max_tasks
-        self._retiring = False
-        self._computed: list[str] = []
-        self._worker: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"token": self.token, "max_tasks": self.max_tasks}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["token"], state["max_tasks"])  # type: ignore[misc]
-
-    def setup(self, worker: Any) -> None:
-        self._worker = worker
-        _budgets[self.token] = self
-
-    def teardown(self, worker: Any) -> None:
-        _budgets.pop(self.token, None)
-
-    def take(self) -> bool:
-        """Count the current task against the budget; ``False`` if none is left."""
-        with self._lock:
-            if self._left <= 0:
-                return False
-            self._left -= 1
-            return True
-
-    def task_done(self, key: Any) -> None:
-        """Called after each task; once the budget is spent, the worker leaves."""
-        with self._lock:
-            self._computed.append(key)
-            if self._left > 0 or self._retiring or self._worker is None:
-                return
-            self._retiring = True
-        self._worker.loop.add_callback(self._retire)
-
-    def _holds_results(self) -> bool:
-        """Whether a task we ran is still finishing, or its result is still
-        wanted (the client releases it once it has it)."""
-        for key in self._computed:
-            task = self._worker.state.tasks.get(key)
-            if task is not None and task.state in ("executing", "long-running", "memory"):
-                return True
-        return False
-
-    async def _retire(self) -> None:
-        import asyncio
-
-        from distributed.core import Status
-
-        worker = self._worker
-        if worker.status != Status.running:
-            return  # closing already (the executor shuts down)
-        # The scheduler stops giving us tasks; any already on the way are given back.
-        worker.status = Status.closing_gracefully
-        deadline = time.monotonic() + self.RETIRE_TIMEOUT
-        while self._holds_results() and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        if worker.data:  # inputs scattered here, or results the client never took
-            # Hand over what only we hold to another worker, if there is one.
-            retire = worker.scheduler.retire_workers(
-                workers=[worker.address], close_workers=False, remove=False,
-                stimulus_id=f"max-tasks-per-child-{time.time()}",
-            )
-            try:
-                await asyncio.wait_for(retire, max(1.0, deadline - time.monotonic()))
-            except Exception:  # no worker to take it: leave anyway
-                pass
-        await worker.close(reason="max_tasks_per_child")
 
 
 def _error_outcome(error: BaseException, tag: int = ERROR) -> tuple[int, BaseException, str]:
@@ -347,63 +239,64 @@ def read_entries(payload: Any) -> tuple[memoryview, list[int], float]:
     return view, ends, seconds
 
 
-def send_back(reply_to: tuple[str, str] | None, result: bytes) -> bytes:
-    """Push a small result to the client on the worker's stream to the
-    scheduler, which forwards it on its stream to the client; return it too.
-
-    Dask only tells the client that a result is ready, and the client then
-    asks the scheduler to fetch it from the worker: two more round trips, and
-    the first fetch from each worker opens a connection (a TLS handshake).
-    Pushed, a result arrives with the messages already flowing. The returned
-    copy is Dask's ordinary result, which the client fetches if the push
-    never arrives.
-    """
-    if reply_to is None or len(result) > PUSH_LIMIT:
-        return result
-    from distributed import get_worker
-
-    client, key = reply_to
-    worker = get_worker()
-    _send_on_stream(worker, {"op": RESULT_OP, "client": client, "key": key, "payload": result})
-    return result
-
-
-def run_batch(kind: str, payload: bytes, token: str, has_initializer: bool,
-              reply_to: tuple[str, str] | None, *shared: Any) -> bytes:
+def run_batch(kind: str, payload: bytes, token: str, has_initializer: bool, *shared: Any) -> bytes:
     """Run one batch of calls on a worker; return their outcomes and
     ``seconds``, pickled (see ``_dumps_entries``).
 
     ``seconds`` is the time spent in the calls, which the client uses to size
-    later batches. ``reply_to`` is ``(client id, task key)`` when the
-    scheduler forwards pushed results (see ``send_back``). ``shared`` are
+    later batches. ``shared`` are
     the payload's large out-of-band buffers in order (see ``_shared``),
     fetched by Dask as the task's dependencies.
     """
-    budget = _budgets.get(token)  # max_tasks_per_child
-    if budget is not None and not budget.take():
-        # Handed to us while we retire: another worker (or our replacement) runs it.
-        from distributed import Reschedule
+    return _run_batch(kind, payload, token, has_initializer, shared)
 
-        raise Reschedule()
-    try:
-        return send_back(reply_to, _run_batch(kind, payload, token, has_initializer, shared))
-    finally:
-        if budget is not None:
-            from distributed import get_worker
 
-            budget.task_done(get_worker().get_current_task())
+#: In a member of a node's pool (see ``_pool``): the executor's initializer,
+#: once the agent has given it (``None`` before). Elsewhere (a Dask worker's
+#: thread) the initializer is the worker's plugin.
+_NOT_A_MEMBER: Any = object()
+_member_initializer: Any = _NOT_A_MEMBER
+
+
+def become_member() -> None:
+    """This process is a pool's member, which runs batches without a Dask worker."""
+    global _member_initializer
+    _member_initializer = None
+
+
+def in_member() -> bool:
+    return _member_initializer is not _NOT_A_MEMBER
+
+
+def set_member_initializer(initializer: Any, initargs: tuple[Any, ...]) -> None:
+    global _member_initializer
+    _member_initializer = InitializerPlugin(initializer, initargs)
+
+
+def _initializer_failure(token: str) -> tuple[int, str, str] | None:
+    """Run the executor's initializer here if not yet done: its BROKEN
+    outcome if it failed, or never arrived."""
+    if in_member():
+        plugin = _member_initializer
+    else:
+        from distributed import get_worker
+
+        plugin = get_worker().plugins.get(initializer_plugin_name(token))
+    if not isinstance(plugin, InitializerPlugin):
+        return (BROKEN, "the executor's initializer never reached this worker", "")
+    return plugin.ensure_initialized()
+
+
+def run_batch_here(kind: str, payload: Any, token: str, has_initializer: bool,
+                   shared: tuple[Any, ...]) -> bytes:
+    """Run one batch in this process (a pool's member); return its result."""
+    return _run_batch(kind, payload, token, has_initializer, shared)
 
 
 def _run_batch(kind: str, payload: bytes, token: str, has_initializer: bool,
                shared: tuple[Any, ...]) -> bytes:
     if has_initializer:
-        from distributed import get_worker
-
-        plugin = get_worker().plugins.get(initializer_plugin_name(token))
-        if not isinstance(plugin, InitializerPlugin):
-            broken = (BROKEN, "the executor's initializer never reached this worker", "")
-            return _dumps_entries([broken], 0.0)
-        failure = plugin.ensure_initialized()
+        failure = _initializer_failure(token)
         if failure is not None:
             return _dumps_entries([failure], 0.0)
 
@@ -450,104 +343,3 @@ def _run_chunk(fn: Any, items: list[Any], star: bool) -> tuple[int, Any]:
     except BaseException as exc:
         error = _error_outcome(exc)
     return (OK, ((values, error), time.perf_counter() - started))
-
-
-#: The answers awaiting each runner in this worker process, by task key.
-_mailboxes: dict[str, queue.SimpleQueue[Any]] = {}
-
-
-def run_pulled(engine: str, token: str, has_initializer: bool) -> None:
-    """A runner: run the batches the executor hands out, one after another,
-    all within this one cluster task, until it is told there are none.
-
-    Each batch as a task of its own costs a scheduler round trip between
-    batches (4-13 ms here), during which the worker thread idles; asking for
-    the next batch on the worker's stream costs about 2 ms. Each request
-    carries the last batch's result, which the scheduler, in the executor's
-    process, hands straight to the executor (its ``Engine.hand_out``).
-    ``engine`` names the executor's engine there.
-    """
-    from distributed import get_worker
-    from distributed.core import Status
-
-    worker = get_worker()
-    runner = str(worker.get_current_task())
-    mailbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    _mailboxes[runner] = mailbox
-    worker.stream_handlers.setdefault(HANDOUT_OP, _receive_handout)
-    key = result = None
-    failed = False
-    try:
-        while True:
-            # A closing or paused worker (a signal, its scheduler gone, short
-            # of memory) takes no more.
-            more = worker.status == Status.running
-            _send_on_stream(worker, {"op": PULL_OP, "engine": engine, "runner": runner, "key": key,
-                                     "payload": result, "failed": failed, "more": more})
-            if not more:
-                return
-            handout = _wait_for_handout(worker, mailbox)
-            if handout is None:
-                return
-            key, kind, payload, shared = handout
-            try:
-                result, failed = _run_batch(kind, payload, token, has_initializer, shared), False
-            except BaseException as error:  # e.g. the calls cannot be unpickled here
-                result, failed = cloudpickle.dumps(_picklable(_error_outcome(error))), True
-    finally:
-        del _mailboxes[runner]
-        # A batch handed out as this runner gave up waiting goes back.
-        while True:
-            try:
-                late = mailbox.get_nowait()
-            except queue.Empty:
-                break
-            if late is not None:
-                _return_handout(worker, engine, runner, late[0])
-
-
-def _wait_for_handout(worker: Any, mailbox: queue.SimpleQueue[Any]) -> tuple[str, str, Any, tuple[Any, ...]] | None:
-    """The answer to a runner's request; ``None`` if there is no batch for
-    it, or its worker stops running first (when closing, its stream to the
-    scheduler closes, and the worker waits for its threads to end)."""
-    from distributed.core import Status
-
-    deadline = time.monotonic() + PULL_TIMEOUT
-    while time.monotonic() < deadline:
-        try:
-            handout: tuple[str, str, Any, tuple[Any, ...]] | None = mailbox.get(timeout=0.05)
-            return handout
-        except queue.Empty:
-            if worker.status != Status.running:
-                return None
-    return None
-
-
-def _receive_handout(runner: str, engine: str = "", key: str | None = None, kind: str = CHUNK,
-                     payload: Any = None, shared: Any = (), **_: Any) -> None:
-    """The scheduler's answer to a runner's request (on the worker's event
-    loop): a batch, sent back if the runner has gone, or ``None``."""
-    mailbox = _mailboxes.get(runner)
-    if mailbox is not None:
-        mailbox.put(None if key is None else (key, kind, payload, tuple(shared or ())))
-    elif key is not None:
-        from distributed import get_worker
-
-        _return_handout(get_worker(), engine, runner, key)
-
-
-def _return_handout(worker: Any, engine: str, runner: str, key: str) -> None:
-    _send_on_stream(worker, {"op": PULL_OP, "engine": engine, "runner": runner, "key": None,
-                             "payload": None, "failed": False, "more": False, "returned": key})
-
-
-def _send_on_stream(worker: Any, message: dict[str, Any]) -> None:
-    """Send on the worker's stream to the scheduler, from any thread."""
-
-    def send() -> None:  # on the worker's event loop, which owns the stream
-        try:
-            worker.batched_stream.send(message)
-        except Exception:  # the scheduler is gone: nobody to tell
-            pass
-
-    worker.loop.add_callback(send)

@@ -42,7 +42,8 @@ from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
 from . import _remote
-from ._engine import CallTiming, Engine
+from ._calls import CallTiming
+from ._engine import Engine
 from ._map import (
     AUTO_CHUNKSIZE,
     ChunkSizer,
@@ -56,7 +57,7 @@ from ._signals import leave_signals_to_main_thread
 from .config import ExecutorOptions, resolve_options
 from .errors import BrokenSulisExecutor, ClusterStartupTimeout, UnpicklableError
 from .launchers import choose_launch_mode, make_launcher
-from .launchers._scheduler import forwards_results, in_process_scheduler
+from .launchers._scheduler import in_process_scheduler
 from .launchers.base import Cluster
 
 __all__ = ["SulisDaskExecutor"]
@@ -406,18 +407,18 @@ class SulisDaskExecutor(Executor):
                     _remote.InitializerPlugin(initializer, initargs),
                     name=_remote.initializer_plugin_name(token),
                 )
-            if self._options.max_tasks_per_child is not None:
-                client.register_plugin(
-                    _remote.TaskBudget(token, self._options.max_tasks_per_child),
-                    name=_remote.task_budget_plugin_name(token),
-                )
             if cluster.min_workers:
                 self._wait_for_workers(client, cluster, deadline)
             engine = Engine(client, self._launcher, token, initializer is not None,
                             cluster.workers_reachable, cluster.shared_directory,
-                            forwards_results(client, cluster.target),
                             one_call_per_task=self._options.max_tasks_per_child is not None,
                             scheduler=in_process_scheduler(cluster.target))
+            try:
+                if cluster.expected_members:
+                    self._wait_for_members(engine, cluster, deadline)
+            except BaseException:
+                engine.close(timeout=10)  # the client and the cluster with it
+                raise
         except BaseException:
             client.close()
             self._launcher.close(timeout=10)
@@ -429,6 +430,20 @@ class SulisDaskExecutor(Executor):
             time.monotonic() - started,
         )
         return engine
+
+    @staticmethod
+    def _wait_for_members(engine: Engine, cluster: Cluster, deadline: float) -> None:
+        """Wait until the nodes' pools have ``expected_members`` members in
+        all (each member joins its agent once it has started)."""
+        count = cluster.expected_members
+        while engine.worker_count() < count:
+            if time.monotonic() > deadline:
+                raise ClusterStartupTimeout(
+                    f"only {engine.worker_count()} of the {count} worker processes of "
+                    f"{cluster.description} started before the timeout; check the job's output "
+                    f"for errors, or raise timeout="
+                )
+            time.sleep(0.005)
 
     @staticmethod
     def _wait_for_workers(client: Any, cluster: Cluster, deadline: float) -> None:
@@ -468,8 +483,9 @@ class SulisDaskExecutor(Executor):
 
     @property
     def num_workers(self) -> int:
-        """Workers connected to the scheduler now."""
-        return len(self._engine.client.scheduler_info()["workers"])
+        """Worker processes that run calls now: on a cluster the executor
+        started, the members of its nodes' pools; on another, Dask's workers."""
+        return self._engine.worker_count()
 
     @property
     def dashboard_link(self) -> str | None:

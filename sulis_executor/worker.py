@@ -35,6 +35,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -167,6 +168,17 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                              "environment once read")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="the launcher's pid: exit at once if it is no longer our parent")
+    parser.add_argument("--pool", type=int, default=0, metavar="N",
+                        help="be a node's agent: a worker of N threads whose tasks, and the "
+                             "executor's batches, run in the N members of the node's pool, which "
+                             "connect to --pool-socket (see sulis_executor._agent)")
+    parser.add_argument("--pool-socket", default=None, metavar="PATH",
+                        help="the pool's Unix socket, in a private directory")
+    parser.add_argument("--member", default=None, metavar="PATH",
+                        help="be a member of the pool whose agent listens at PATH, not a worker")
+    parser.add_argument("--engine", default="", help="the executor's token")
+    parser.add_argument("--max-tasks", type=int, default=None,
+                        help="a member leaves after this many tasks (max_tasks_per_child)")
     parser.add_argument("--verbose", action="store_true", help="let Dask's logs through")
     parser.add_argument("--profile", action="store_true",
                         help="run Dask's statistical profiler (the dashboard's Profile page)")
@@ -255,6 +267,19 @@ async def _run(args: argparse.Namespace, security: Any, parentage: Parentage) ->
         from ._security import read_credentials_file, security_from
 
         security = security_from(read_credentials_file(args.security_file))
+    pool_options: dict[str, Any] = {}
+    pool = agent = None
+    if args.pool:
+        from ._agent import POOL_EXECUTOR, Agent
+        from ._pool import Pool, PoolExecutor
+
+        # Listening before the worker starts: members connect while it does.
+        pool = Pool(args.pool_socket, lambda event: agent.on_pool_event(event) if agent else None)
+        pool.start()
+        args.nthreads = args.pool  # Dask's task slots: the pool's members
+        # The executor's own tasks (see _agent) run in the pool's members;
+        # other Dask tasks in the agent's threads, as on any Dask worker.
+        pool_options = {"executor": {POOL_EXECUTOR: PoolExecutor(pool)}}
     with dask.config.set(quiet_worker_config(args.profile or args.verbose)):
         worker = Worker(
             args.scheduler,
@@ -268,16 +293,27 @@ async def _run(args: argparse.Namespace, security: Any, parentage: Parentage) ->
             dashboard=False,
             dashboard_address=f"{http_host}:0",
             death_timeout=args.death_timeout,
+            **pool_options,
         )
+    worker._sulis_pool = pool  # type: ignore[attr-defined]  # for _remote.InitializerPlugin.setup
     # Dask batches the worker's messages to the scheduler every 2 ms; a
     # finished task's report is most of what the executor waits on between
     # one batch and the next, so send after 1 ms (see launchers._scheduler).
     worker.batched_stream.interval = STREAM_INTERVAL
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, _on_signal, worker, args, parentage)
-    await worker
-    await worker.finished()
+    if threading.current_thread() is threading.main_thread():
+        # (An MPI rank runs its node's agent in a thread: signals are its own.)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, _on_signal, worker, args, parentage)
+    try:
+        await worker
+        if pool is not None:
+            agent = Agent(worker, pool)
+            agent.start()
+        await worker.finished()
+    finally:
+        if pool is not None:
+            pool.close()  # the members hang up, and exit
 
 
 def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
@@ -320,6 +356,25 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
     except ValueError as error:
         print(f"sulis_executor.worker: {error}", file=sys.stderr)
         return 2
+    if args.member:
+        # A member needs neither Dask nor the scheduler's address: only its
+        # agent's socket, and the greeting's key and files.
+        if args.scheduler == "-" and not _read_greeting(args):
+            return 0
+        from . import _pool
+
+        def member_security() -> Any:
+            if security is None and args.security_file:
+                from ._security import read_credentials_file, security_from
+
+                return security_from(read_credentials_file(args.security_file))
+            return security
+
+        try:
+            return _pool.serve(args.member, args.engine, args.max_tasks,
+                               _pool.MemberWorker(args.scheduler, member_security))
+        finally:
+            _clean_up_if_orphaned(args, parentage)
     # Importing Dask (most of a worker's start-up time) sets up its loggers,
     # which are then silenced; a worker told to read its scheduler's address
     # does this while the scheduler starts.

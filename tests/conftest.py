@@ -40,7 +40,8 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def host_executor():
-    """A session-wide local cluster of 2 workers, owned by one executor."""
+    """A session-wide local cluster of 2 worker processes (one node: a Dask
+    worker, its agent, whose pool has 2 members), owned by one executor."""
     from sulis_executor import SulisDaskExecutor
 
     ex = SulisDaskExecutor(max_workers=2, interface="lo")
@@ -49,19 +50,41 @@ def host_executor():
 
 
 @pytest.fixture(scope="session")
-def scheduler_address(host_executor) -> str:
-    return host_executor.client.scheduler.address
+def plain_cluster():
+    """A session-wide cluster of 2 plain Dask workers (one thread each, in
+    processes of their own, over TLS), as ``dask-mpi`` or ``dask worker``
+    start them: what the executor attaches to with ``address=`` or
+    ``scheduler_file=``, where each batch is a Dask task."""
+    import logging
+
+    from distributed import LocalCluster
+    from distributed.security import Security
+
+    cluster = LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", scheduler_port=0,
+        dashboard_address="127.0.0.1:0", protocol="tls://", security=Security.temporary(),
+        silence_logs=logging.CRITICAL,
+    )
+    yield cluster
+    cluster.close(timeout=30)
 
 
 @pytest.fixture(scope="session")
-def cluster_security(host_executor):
+def scheduler_address(plain_cluster) -> str:
+    address: str = plain_cluster.scheduler_address
+    return address
+
+
+@pytest.fixture(scope="session")
+def cluster_security(plain_cluster):
     """The session cluster's TLS credentials (``distributed.Security``)."""
-    return host_executor.client.security
+    return plain_cluster.security
 
 
 @pytest.fixture
 def shared_executor(scheduler_address, cluster_security):
-    """An executor attached to the session cluster; shut down after the test."""
+    """An executor attached to the session's plain Dask cluster; shut down
+    after the test."""
     from sulis_executor import SulisDaskExecutor
 
     ex = SulisDaskExecutor(address=scheduler_address, security=cluster_security, wait_for_workers=2)

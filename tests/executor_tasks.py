@@ -116,7 +116,7 @@ def numpy_global_random() -> float:
 
 
 def current_task_key(_: object = None, delay: float = 0.0) -> str:
-    """The key of the Dask task running this call (after ``delay`` seconds)."""
+    """The key of the Dask task (or batch) running this call (after ``delay`` seconds)."""
     from distributed import get_worker
 
     time.sleep(delay)
@@ -187,3 +187,18 @@ def result_sent_slowly(nbytes: int, stall: float) -> bytes:
 
     subprocess.Popen([sys.executable, "-c", _STALLER, str(os.getpid()), str(stall)])
     return b"\x01" * nbytes
+
+
+def pid_after(_: object = None, delay: float = 0.0) -> int:
+    """This process's pid, after ``delay`` seconds."""
+    time.sleep(delay)  # stands for work
+    return os.getpid()
+
+
+def numpy_random_state(_: object = None, delay: float = 0.0) -> tuple[int, int]:
+    """``(pid, a fingerprint of numpy's global random state)``, drawing
+    nothing, after ``delay`` seconds (so that calls spread over processes)."""
+    import numpy
+
+    time.sleep(delay)
+    return os.getpid(), int(numpy.random.get_state()[1][:8].sum())

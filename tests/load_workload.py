@@ -1,7 +1,7 @@
 """Realistic load, and arguments and results on every side of every size
 threshold the executor has: the batches whose form depends on their size,
 or on what they were grouped with, must reach and run in whatever takes
-them (a runner, a Dask task).
+them (a node's pool, a Dask task).
 
 Used by tests/test_executor.py on local clusters, and, as a job script
 (``python -m tests.load_workload``), by tests/slurm/test_load_slurm.py,
@@ -23,14 +23,13 @@ import traceback
 from concurrent.futures import as_completed
 
 from sulis_executor import SulisDaskExecutor
-from sulis_executor._remote import PUSH_LIMIT
 from sulis_executor._shared import SHARE_THRESHOLD
 
 BURST_INCS = int(os.environ.get("LOAD_BURST_INCS", "20000"))
 BURST_BLOBS = int(os.environ.get("LOAD_BURST_BLOBS", "3000"))
 EXECUTORS = int(os.environ.get("LOAD_EXECUTORS", "3"))
 #: Every size threshold of the executor, and one byte either side of it.
-AROUND = sorted({t + d for t in (SHARE_THRESHOLD, PUSH_LIMIT) for d in (-1, 0, 1)} | {3 * SHARE_THRESHOLD // 2})
+AROUND = sorted({SHARE_THRESHOLD + d for d in (-1, 0, 1)} | {3 * SHARE_THRESHOLD // 2})
 
 
 def inc(x: int) -> int:
@@ -127,7 +126,7 @@ def boundaries(ex: SulisDaskExecutor, failures: Failures) -> None:
 def large_argument_during_a_long_map(ex: SulisDaskExecutor, failures: Failures) -> None:
     """A call with a shared buffer, while a long map keeps every worker busy,
     runs before the map ends (where the buffer is Dask data, the call is a
-    task, and needs a worker thread the map's runners hold)."""
+    task, and needs a member of the pool the map keeps busy)."""
     items = 500 * max(1, ex.num_workers)
     results = ex.map(slow_identity, range(items), [0.005] * items)
     seen: list[int] = []

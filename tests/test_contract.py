@@ -88,7 +88,7 @@ def make_gate(gate_dir: Path):
 def executor(request, gate_dir: Path, scheduler_address):
     """The reference, ours attached to the session's cluster, and ours with a
     local cluster of its own: only a cluster whose scheduler runs in the
-    executor's process hands map chunks to runners (see ``_remote.run_pulled``)."""
+    executor's process hands batches to its nodes' pools (see ``_agent``)."""
     # scheduler_address: start the session cluster before any per-test thread
     # bookkeeping, even for the reference executor.
     if request.param == "ProcessPoolExecutor":
@@ -748,9 +748,9 @@ def test_a_map_raises_at_the_chunk_whose_results_cannot_be_unpickled(executor, c
 
 @pytest.fixture(params=["attached", "local"])
 def sulis_executor(request, scheduler_address):
-    """Ours attached to the session's cluster (batches go as Dask tasks,
-    results are pushed, or fetched if larger than 1 MB) and with a cluster
-    of its own (batches go to runners)."""
+    """Ours attached to the session's cluster (batches go as Dask tasks, and
+    their results are fetched) and with a cluster of its own (batches go to
+    its nodes' pools, and their results come back on the agents' streams)."""
     if request.param == "local":
         ex = SulisDaskExecutor(max_workers=2)
     else:
@@ -777,11 +777,10 @@ def test_a_result_that_cannot_be_unpickled_fails_alone_among_its_batch_mates(
     assert isinstance(error.__cause__, ValueError)
     good = [f.result(timeout=30) for f in futures_]
     assert [i for i, _ in good] == [i for i in range(1000) if i != 500]
-    if request.node.callspec.params["sulis_executor"] == "attached":
-        # Each batch is a Dask task, and its calls see its key: the bad
-        # result shared its batch, and the payload of results, with good
-        # ones. (A runner's calls all see the runner's key, whatever batch.)
-        assert key_file.read_text() in {key for _, key in good}
+    # Each batch's calls see its key (its Dask task's, or the batch's in a
+    # pool): the bad result shared its batch, and the payload of results,
+    # with good ones.
+    assert key_file.read_text() in {key for _, key in good}
     assert ex.submit(h.square, 3).result(timeout=30) == 9
     assert "Traceback" not in capfd.readouterr().err
 

@@ -46,7 +46,14 @@ def scheduler_task_count(ex: SulisDaskExecutor) -> int:
 
 
 def worker_pids(ex: SulisDaskExecutor) -> dict[str, int]:
-    return ex.client.run(os.getpid, on_error="ignore")
+    """The processes that run calls: on a local cluster the executor
+    started, its pool's members (not the agent, its Dask worker); on a
+    cluster it attached to, Dask's workers."""
+    started = getattr(ex._launcher, "worker_pids", None)
+    if started is None:
+        return ex.client.run(os.getpid, on_error="ignore")
+    agents = set(ex.client.run(os.getpid, on_error="ignore").values())
+    return {str(pid): pid for pid in started() if pid not in agents}
 
 
 # -- calls reach the function exactly as made --------------------------------
@@ -300,42 +307,30 @@ def test_a_map_item_that_fails_to_unpickle_on_the_worker_raises_at_that_item_wit
         assert "in refuse_to_unpickle" in report
 
 
-def test_map_chunks_run_back_to_back_in_a_task_per_worker_thread(monkeypatch):
-    # With the scheduler in the executor's process, a runner task per worker
-    # thread asks it for chunk after chunk: no scheduler round trip, nor a
-    # Dask task, per chunk. (Runners wait longer than usual for work here, so
-    # that a stall of this machine cannot end one mid-map.)
-    from sulis_executor import _engine
+def _scheduler_heard_of(prefix: str, dask_scheduler=None) -> bool:
+    """Run on the scheduler: whether a task whose key starts with ``prefix``
+    ever reached it (it keeps every prefix it saw, with its statistics)."""
+    return any(str(name).startswith(prefix) for name in dask_scheduler.task_prefixes)
 
-    monkeypatch.setattr(_engine, "RUNNER_LINGER", 10.0)
+
+def test_calls_and_map_chunks_go_to_the_nodes_pools_not_as_dask_tasks():
+    # On a cluster the executor started, batches go to the node's agent on
+    # its stream, and run in the pool's members: processes of their own,
+    # not the agent's (the Dask worker's), and no batch is a Dask task.
     with SulisDaskExecutor(2) as ex:
-        keys = list(ex.map(tasks.current_task_key, range(300), [0.005] * 300))
-    assert all(key.startswith("sulis-runner-") for key in keys)
-    assert len(set(keys)) <= 4, set(keys)
-
-
-def test_runners_wait_for_more_work_so_back_to_back_maps_share_them(monkeypatch):
-    from sulis_executor import _engine
-
-    # 50 ms by default; longer here, so that a stall of this machine between
-    # the two maps cannot end the runners.
-    monkeypatch.setattr(_engine, "RUNNER_LINGER", 10.0)
-    with SulisDaskExecutor(2) as ex:
-        first = set(ex.map(tasks.current_task_key, range(40), [0.005] * 40))
-        second = set(ex.map(tasks.current_task_key, range(40), [0.005] * 40))
-    assert first & second, (first, second)
-
-
-def test_submitted_calls_run_in_runners_too():
-    with SulisDaskExecutor(2) as ex:
-        futures = [ex.submit(tasks.current_task_key, i, 0.005) for i in range(40)]
-        keys = {f.result(timeout=30) for f in futures}
-    assert all(key.startswith("sulis-runner-") for key in keys), keys
+        agent = set(ex.client.run(os.getpid).values())
+        mapped = set(ex.map(tasks.pid_after, range(200), [0.002] * 200))
+        submitted = {f.result(timeout=30) for f in [ex.submit(tasks.pid_after, i, 0.002) for i in range(40)]}
+        assert len(mapped | submitted) == 2 and not (mapped | submitted) & agent
+        assert not ex.client.run_on_scheduler(_scheduler_heard_of, "pid_after")
+        # The batch's key is the call's task, as a Dask task's would be.
+        assert ex.submit(tasks.current_task_key).result(timeout=30).startswith("current_task_key-")
 
 
 def test_calls_can_send_work_of_their_own_through_dask_worker_client():
-    # What the error for an executor passed to its own task suggests; the
-    # calls run in runners, which hand their thread over while they wait.
+    # What the error for an executor passed to its own task suggests. The
+    # calls run in the pool's members; what they submit runs in the agent's
+    # threads, so a member waiting for it never waits for a member.
     with SulisDaskExecutor(2) as ex:
         futures = [ex.submit(tasks.sum_of_squares_through_worker_client, 10) for _ in range(4)]
         assert [f.result(timeout=60) for f in futures] == [285] * 4
@@ -343,8 +338,8 @@ def test_calls_can_send_work_of_their_own_through_dask_worker_client():
 
 
 def test_a_call_with_a_large_argument_does_not_wait_for_a_long_map_to_end():
-    # Such a call is a Dask task (the argument is one of its dependencies),
-    # which needs a worker thread that runners, busy with the map, hold.
+    # On a local cluster the array travels as a file, and the call waits
+    # for a member behind at most the map's window, not behind the map.
     import numpy
 
     with SulisDaskExecutor(2) as ex:
@@ -414,30 +409,20 @@ def test_a_long_submit_loop_keeps_the_scheduler_task_count_bounded(shared_execut
 
 
 def count_fetches(ex: SulisDaskExecutor, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Record each time ``ex`` fetches finished results from the cluster,
-    Dask's way, instead of receiving them pushed by the workers."""
+    """Record each time ``ex`` fetches finished tasks' results from the cluster."""
     fetches: list[int] = []
-    engine = ex._engine
-    fetch = engine._fetch
+    transport = ex._engine._tasks
+    fetch = transport._fetch
 
     def counting_fetch(pairs):
         fetches.append(len(pairs))
         return fetch(pairs)
 
-    monkeypatch.setattr(engine, "_fetch", counting_fetch)
+    monkeypatch.setattr(transport, "_fetch", counting_fetch)
     return fetches
 
 
-def test_small_results_are_pushed_by_the_workers_not_fetched(shared_executor, monkeypatch):
-    fetches = count_fetches(shared_executor, monkeypatch)
-    assert shared_executor.submit(tasks.square, 7).result(timeout=30) == 49
-    assert list(shared_executor.map(tasks.square, range(300))) == [i * i for i in range(300)]
-    futures = [shared_executor.submit(tasks.square, i) for i in range(300)]
-    assert [f.result(timeout=30) for f in futures] == [i * i for i in range(300)]
-    assert fetches == []
-
-
-def test_a_result_too_large_to_push_is_fetched(shared_executor, monkeypatch):
+def test_a_tasks_result_is_fetched_once(shared_executor, monkeypatch):
     fetches = count_fetches(shared_executor, monkeypatch)
     assert shared_executor.submit(bytes, 3_000_000).result(timeout=30) == bytes(3_000_000)
     assert fetches == [1]
@@ -445,7 +430,7 @@ def test_a_result_too_large_to_push_is_fetched(shared_executor, monkeypatch):
 
 @pytest.mark.timeout(120)
 def test_a_result_that_takes_long_to_fetch_is_waited_for_not_fetched_again(shared_executor, monkeypatch):
-    # 200 MB, fetched (too large to push); its worker stops for 12 s in the
+    # 200 MB, a task's result, fetched; its worker stops for 12 s in the
     # middle of sending it. The fetch waits: one fetch, no thread left over
     # per attempt, the result whole.
     fetches = count_fetches(shared_executor, monkeypatch)
@@ -465,19 +450,12 @@ def test_a_result_that_takes_long_to_fetch_is_waited_for_not_fetched_again(share
     assert peak[0] == 0, f"{peak[0]} threads were started to wait for the fetch"
 
 
-def test_a_scheduler_that_cannot_forward_results_gets_them_fetched(separate_cluster, monkeypatch):
-    _, scheduler_file = separate_cluster
-    with SulisDaskExecutor(scheduler_file=str(scheduler_file), wait_for_workers=1, timeout=30) as ex:
-        fetches = count_fetches(ex, monkeypatch)
-        assert list(ex.map(tasks.square, range(20))) == [i * i for i in range(20)]
-        assert sum(fetches) >= 1
-
-
-def test_workers_run_no_profiler_unless_the_dashboard_is_on(shared_executor):
+def test_workers_run_no_profiler_unless_the_dashboard_is_on():
     def profiling(dask_worker):
         return "profile" in dask_worker.periodic_callbacks
 
-    assert set(shared_executor.client.run(profiling).values()) == {False}
+    with SulisDaskExecutor(1) as ex:
+        assert set(ex.client.run(profiling).values()) == {False}
     with SulisDaskExecutor(1, dashboard=True) as ex:
         assert set(ex.client.run(profiling).values()) == {True}
 
@@ -513,7 +491,7 @@ def test_joblib_dask_backend_runs_on_the_executors_cluster(shared_executor):
 
 def test_a_garbage_collected_executor_stops_its_workers():
     ex = SulisDaskExecutor(2)
-    pids = list(worker_pids(ex).values())
+    pids = ex._launcher.worker_pids()  # the agent and its members
     assert ex.submit(tasks.square, 2).result(timeout=30) == 4
     del ex
     gc.collect()
@@ -688,7 +666,8 @@ def test_each_call_gets_its_own_copy_of_a_shared_array(shared_executor):
 def _shared_files(executor) -> list[Path]:
     directory = Path(executor._launcher._shared.path)
     assert directory.stat().st_mode & 0o077 == 0, "the shared directory is open to other users"
-    return sorted(directory.iterdir())
+    # (It also holds the node's pool's socket: see sulis_executor._pool.)
+    return sorted(directory.glob("sulis-shared-*"))
 
 
 def test_local_cluster_sends_a_large_array_once_as_a_private_file_then_removes_it(host_executor, tmp_path):
@@ -722,13 +701,13 @@ def test_local_cluster_sends_a_large_bytes_argument_as_a_private_file_too(host_e
 def test_map_chunks_withdrawn_unstarted_let_go_of_their_shared_files(tmp_path):
     # Each item is large (its chunk is shared as a whole, through a file),
     # and every item but the first waits for the release file: two chunks
-    # run, the next wait for a runner when the iterator is closed, and are
+    # run, the next wait for a member when the iterator is closed, and are
     # withdrawn.
     release = tmp_path / "release"
     with SulisDaskExecutor(2) as ex:
         results = ex.map(tasks.size_when_released, [bytes(1_500_000)] * 20, [os.devnull] + [str(release)] * 19)
         assert next(results) == 1_500_000
-        wait_until(lambda: len(ex._engine._ready) > 0, what="chunks waiting for a runner")
+        wait_until(lambda: len(ex._engine._dispatch._ready) > 0, what="chunks waiting for a member")
         results.close()
         release.touch()
         wait_until(lambda: not _shared_files(ex), what="the withdrawn chunks' files to be removed")
@@ -892,7 +871,7 @@ def _shared_bytes(ex) -> int:
     if shared is None:
         return ex.client.run_on_scheduler(tasks.shared_bytes_on_scheduler)
     total = 0
-    for file in Path(shared.path).iterdir():
+    for file in Path(shared.path).glob("sulis-shared-*"):
         try:
             total += file.stat().st_size
         except FileNotFoundError:  # released since

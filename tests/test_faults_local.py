@@ -87,7 +87,7 @@ def slow(x):
     return x
 
 with SulisDaskExecutor(max_workers=2) as ex:
-    pids = sorted(ex.client.run(os.getpid).values())
+    pids = sorted(ex._launcher.worker_pids())  # the agent and its 2 members
     print("READY " + json.dumps({"main": os.getpid(), "workers": pids}), flush=True)
     for _ in ex.map(slow, range(10**6)):
         pass
@@ -145,7 +145,7 @@ def test_ctrl_c_in_a_map_leaves_no_worker_behind(tmp_path: Path, target: str, ma
     try:
         ready = _wait_for_ready(proc, time.monotonic() + 60)
         workers = list(ready["workers"])  # type: ignore[call-overload]
-        assert len(workers) == 2 and ready["main"] == proc.pid, ready
+        assert len(workers) == 3 and ready["main"] == proc.pid, ready
         children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         if target == "group":
             os.killpg(proc.pid, signal.SIGINT)
@@ -317,7 +317,7 @@ while not future.running():
 launcher = ex._launcher
 print("READY " + json.dumps({
     "main": os.getpid(),
-    "workers": sorted(ex.client.run(os.getpid).values()),
+    "workers": sorted(launcher.worker_pids()),
     "private": [launcher._shared.path, launcher._credentials.directory],
 }), flush=True)
 time.sleep(120)
@@ -380,7 +380,7 @@ def test_terminating_or_killing_the_workers_ends_them_at_once_even_mid_call(
 
     started = tmp_path / "started"
     with SulisDaskExecutor(max_workers=2) as ex:
-        workers = set(ex.client.run(os.getpid).values())
+        workers = set(ex._launcher.worker_pids())
         running = [ex.submit(tasks.append_line_then_sleep, str(started), str(i), 600) for i in range(2)]
         wait_until(lambda: started.exists() and len(started.read_text().split()) == 2,
                    what="both long calls to start")

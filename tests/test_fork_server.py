@@ -1,5 +1,9 @@
 """Local workers are forked from one fork server, and behave as if started alone.
 
+A local cluster is one node: its agent (a Dask worker) and its pool's
+members (the processes that run calls; see ``sulis_executor._pool``), each
+a worker process of the launcher's.
+
 * Every worker is a child of one fork server, itself a child of the client.
 * A killed worker is replaced by a new fork.
 * A worker that keeps failing to start is given up, forked or not.
@@ -36,7 +40,13 @@ pytestmark = pytest.mark.timeout(90)
 
 
 def worker_pids(ex: SulisDaskExecutor) -> set[int]:
-    return set(ex.client.run(os.getpid, on_error="ignore").values())
+    """The local cluster's worker processes: its agent and its members."""
+    return set(ex._launcher.worker_pids())
+
+
+def member_pids(ex: SulisDaskExecutor) -> set[int]:
+    """Those that run calls: all but the agent, the Dask worker."""
+    return worker_pids(ex) - set(ex.client.run(os.getpid, on_error="ignore").values())
 
 
 def parents(pids: set[int]) -> set[int]:
@@ -46,7 +56,7 @@ def parents(pids: set[int]) -> set[int]:
 def test_workers_are_forked_from_one_fork_server_started_by_the_client() -> None:
     with SulisDaskExecutor(max_workers=2) as ex:
         workers = worker_pids(ex)
-        assert len(workers) == 2
+        assert len(workers) == 3 and len(member_pids(ex)) == 2
         (server,) = parents(workers)
         assert server != os.getpid()
         assert psutil.Process(server).ppid() == os.getpid()
@@ -57,9 +67,9 @@ def test_a_killed_forked_worker_is_replaced_by_a_new_fork() -> None:
     with SulisDaskExecutor(max_workers=2) as ex:
         workers = worker_pids(ex)
         (server,) = parents(workers)
-        victim = min(workers)
+        victim = min(member_pids(ex))
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: len(worker_pids(ex) - {victim}) == 2, what="a replacement worker")
+        wait_until(lambda: len(member_pids(ex) - {victim}) == 2, what="a replacement worker")
         replacement = worker_pids(ex) - workers
         assert len(replacement) == 1 and parents(replacement) == {server}
         assert sorted(ex.map(tasks.square, range(20))) == [i * i for i in range(20)]
@@ -67,8 +77,8 @@ def test_a_killed_forked_worker_is_replaced_by_a_new_fork() -> None:
 
 def test_forked_workers_draw_different_numpy_random_numbers() -> None:
     with SulisDaskExecutor(max_workers=2) as ex:
-        draws = ex.client.run(tasks.numpy_global_random)
-        assert len(draws) == 2 and len(set(draws.values())) == 2, draws
+        states = dict(ex.map(tasks.numpy_random_state, range(40), [0.01] * 40))
+        assert len(states) == 2 and len(set(states.values())) == 2, states
 
 
 def test_shutdown_leaves_neither_workers_nor_the_fork_server_behind(no_process_left: None) -> None:
@@ -89,7 +99,7 @@ def test_when_the_fork_server_dies_its_workers_are_replaced_and_the_private_file
         (server,) = parents(workers)
         os.kill(server, signal.SIGKILL)
         wait_until(lambda: not alive(workers), what="the fork server's workers to die with it")
-        wait_until(lambda: len(worker_pids(ex) - workers) == 2, what="two new workers")
+        wait_until(lambda: len(worker_pids(ex) - workers) == 3, what="three new workers")
         # With no fork server, the new ones are fresh interpreters.
         assert parents(worker_pids(ex)) == {os.getpid()}
         assert sorted(ex.map(tasks.square, range(20))) == [i * i for i in range(20)]
@@ -101,10 +111,10 @@ def test_without_a_fork_server_workers_are_fresh_interpreters(
     monkeypatch.setattr(_processes, "fork_server_supported", lambda: False)  # as off Linux
     with SulisDaskExecutor(max_workers=2) as ex:
         workers = worker_pids(ex)
-        assert len(workers) == 2 and parents(workers) == {os.getpid()}
-        victim = min(workers)
+        assert len(workers) == 3 and parents(workers) == {os.getpid()}
+        victim = min(member_pids(ex))
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: len(worker_pids(ex) - {victim}) == 2, what="a replacement worker")
+        wait_until(lambda: len(member_pids(ex) - {victim}) == 2, what="a replacement worker")
         assert sorted(ex.map(tasks.square, range(20))) == [i * i for i in range(20)]
 
 
@@ -120,7 +130,7 @@ def test_a_spawn_context_makes_every_worker_a_fresh_interpreter(
         mp_context: object, no_process_left: None) -> None:
     with SulisDaskExecutor(2, mp_context) as ex:
         workers = worker_pids(ex)
-        assert len(workers) == 2 and parents(workers) == {os.getpid()}
+        assert len(workers) == 3 and parents(workers) == {os.getpid()}
         assert all(is_fresh_interpreter(pid) for pid in workers)
         assert list(ex.map(tasks.square, range(5))) == [0, 1, 4, 9, 16]
 

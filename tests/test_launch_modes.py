@@ -177,8 +177,9 @@ def test_srun_command_covers_the_allocation() -> None:
     assert allocation is not None
     command = srun_command(allocation, "sulis-workers-x", ["python", "-m", "w"])
     assert command[0] == "srun"
-    assert "--ntasks=6" in command and "--nodes=3" in command
-    assert "--cpus-per-task=2" in command
+    # One task per node, with the node's CPUs: 2 tasks of 2 CPUs each.
+    assert "--ntasks=3" in command and "--nodes=3" in command and "--ntasks-per-node=1" in command
+    assert "--cpus-per-task=4" in command
     assert "--overlap" in command and "--kill-on-bad-exit=0" in command
     assert command[-3:] == ["python", "-m", "w"]
 

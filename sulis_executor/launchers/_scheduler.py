@@ -14,12 +14,9 @@ mpi), so they agree on the details that matter:
   a task handed to a worker, or a result announced to the client, waits out
   that interval, and executor calls are latency-bound.
   (The workers we start answer at 1 ms too; see ``sulis_executor.worker``.)
-* Results that tasks push on their worker's stream are forwarded to the
-  client's stream when the task is done, saving the client two round trips
-  to fetch each one (see ``_remote.send_back``).
-* Runners (``_remote.run_pulled``) ask it for their next batch, which the
-  executor's engine in this process hands out (``Feeder``); a worker that
-  leaves gives the batches its runners held back to the engine.
+* The nodes' agents (see ``_agent``) report to it on their streams, and
+  the executor's engine in this process (``Feeder``) answers with batches
+  on the same streams; a worker that leaves gives back what its node held.
 * TLS when a ``Security`` is given, random ports only, and the HTTP
   endpoint (``/health``, and the dashboard when asked for) bound to the
   scheduler's own host, never to Dask's shared port 8787.
@@ -44,70 +41,38 @@ STREAM_INTERVAL = 0.001
 def _executor_streams() -> Any:
     from distributed.diagnostics.plugin import SchedulerPlugin
 
-    from .._remote import PULL_OP, RESULT_OP
+    from .._agent import AGENT_OP
 
     class ExecutorStreams(SchedulerPlugin):
         """Shorten the batching interval of each worker's and client's
-        stream as it joins, and forward the results that tasks push to the
-        clients that submitted them (see ``_remote.send_back``)."""
+        stream as it joins, and pass what the nodes' agents report to the
+        executor's engine (see ``_agent``)."""
 
-        name = "sulis-executor-streams"
+        name = STREAMS_PLUGIN
 
         def __init__(self) -> None:
             self._scheduler: Any = None
-            # Pushed results whose tasks the scheduler has not yet heard end.
-            self._pushed: dict[str, tuple[str, bytes]] = {}
+            # The engine that hands batches to this cluster's agents, and
+            # each agent's members, as last reported (for an engine that
+            # comes after its agents: see register_feeder).
+            self.feeder: Feeder | None = None
+            self.members: dict[str, int] = {}
 
         async def start(self, scheduler: Any) -> None:
             self._scheduler = scheduler
-            scheduler.stream_handlers[RESULT_OP] = self._hold_result
-            scheduler.stream_handlers[PULL_OP] = self._hand_out
+            scheduler.stream_handlers[AGENT_OP] = self._agent_event
 
-        def _hand_out(self, engine: str, runner: str, key: str | None = None,
-                      payload: bytes | None = None, failed: bool = False, more: bool = True,
-                      returned: str | None = None, worker: str = "", **_: Any) -> None:
-            # A runner asks for its next batch (see _remote.run_pulled).
-            feeder = _feeders.get(engine)
-            if feeder is None:
-                send_handout(self._scheduler, worker, engine, runner, None)
-                return
-            if returned is not None:
-                feeder.handout_returned(returned)
-            # No new batch for a worker that is gone: nothing would run it.
-            more = more and worker in self._scheduler.stream_comms
-            handout = feeder.hand_out(worker, runner, key, payload, failed, more)
-            if handout is not PARKED:
-                send_handout(self._scheduler, worker, engine, runner, handout)
+        def _agent_event(self, event: str, worker: str = "", **message: Any) -> None:
+            # A node's agent reports (see _agent).
+            if event == "members":
+                self.members[worker] = message["members"]
+            if self.feeder is not None:
+                self.feeder.agent_event(worker, event, **message)
 
         def remove_worker(self, scheduler: Any, worker: str, **kwargs: Any) -> None:
-            for feeder in list(_feeders.values()):
-                feeder.worker_lost(worker)
-
-        def _hold_result(self, client: str, key: str, payload: bytes, **_: Any) -> None:
-            # A result arrives just before its task's "finished" message.
-            # Forwarding it at once would have the client react (submit more
-            # work, release the task) while the scheduler still has to hand
-            # the freed worker its next task. So it goes on when the task is
-            # done (``transition`` below), right after the next task has been
-            # handed out. On a single-worker cluster, the median gap between
-            # tasks was 3.1 ms without pushing, 4.4-5.0 ms forwarding at once
-            # and 3.4-3.9 ms forwarding here (deferring it further did not
-            # help); pushing still wins overall (see the README).
-            self._pushed[key] = (client, payload)
-
-        def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
-            if key not in self._pushed:
-                return
-            if finish == "memory":
-                client, payload = self._pushed.pop(key)
-                stream = self._scheduler.client_comms.get(client)
-                if stream is not None:  # else the client fetches it, if it is still there
-                    try:
-                        stream.send({"op": RESULT_OP, "key": key, "payload": payload})
-                    except Exception:
-                        pass
-            elif finish in ("released", "forgotten", "erred"):
-                del self._pushed[key]
+            self.members.pop(worker, None)
+            if self.feeder is not None:
+                self.feeder.worker_lost(worker)
 
         def add_worker(self, scheduler: Any, worker: str) -> None:
             stream = scheduler.stream_comms.get(worker)
@@ -127,82 +92,61 @@ def _executor_streams() -> Any:
     return ExecutorStreams()
 
 
-#: A batch for a runner: its key, kind, pickled calls (``bytes``, or the file
-#: they were shared through) and the files of its shared buffers, in order
-#: (see ``_shared.Pickled``; never Dask data, which a runner cannot resolve).
-Handout = tuple[str, str, Any, tuple[Any, ...]]
-#: ``Feeder.hand_out``'s answer when the runner is to wait for work.
-PARKED: Any = object()
-
-
 class Feeder(Protocol):
-    """What hands batches to runners (the executor's engine)."""
+    """What hands batches to the nodes' agents (the executor's engine)."""
 
-    def hand_out(self, worker: str, runner: str, key: str | None, payload: bytes | None,
-                 failed: bool, more: bool) -> Handout | None: ...
-
-    def handout_returned(self, key: str) -> None: ...
+    def agent_event(self, worker: str, event: str, key: str | None = None,
+                    payload: bytes | None = None, members: int = 0) -> None: ...
 
     def worker_lost(self, worker: str) -> None: ...
 
 
-def send_handout(scheduler: Any, worker: str, engine: str, runner: str,
-                 handout: Handout | None) -> None:
-    """Answer a runner (on the scheduler's event loop): its next batch, or
-    ``None`` to end it."""
-    from .._remote import HANDOUT_OP
+def send_handouts(scheduler: Any, handouts: dict[str, list[Any]]) -> None:
+    """Send agents their batches (on the scheduler's event loop)."""
+    from .._agent import HANDOUT_OP
 
-    stream = scheduler.stream_comms.get(worker)
-    if stream is None:
-        return  # gone: Feeder.worker_lost takes back what it had
-    key, kind, payload, shared = handout if handout is not None else (None, None, None, ())
+    for worker, batches in handouts.items():
+        stream = scheduler.stream_comms.get(worker)
+        if stream is None:
+            continue  # gone: Feeder.worker_lost takes back what it had
+        try:
+            stream.send({"op": HANDOUT_OP, "batches": batches})
+        except Exception:
+            pass
+
+
+#: The scheduler plugin's name (see _executor_streams).
+STREAMS_PLUGIN = "sulis-executor-streams"
+
+
+def register_feeder(scheduler: Any, feeder: Feeder | None) -> None:
+    """Have ``feeder`` hear what the agents of ``scheduler``'s cluster
+    report (``None``: nobody, any more), starting with their members so far
+    (on the scheduler's event loop)."""
+    plugin = scheduler.plugins.get(STREAMS_PLUGIN)
+    if plugin is None:
+        return
+
+    def register() -> None:
+        plugin.feeder = feeder
+        if feeder is not None:
+            for worker, members in plugin.members.items():
+                feeder.agent_event(worker, "members", members=members)
+
     try:
-        stream.send({"op": HANDOUT_OP, "engine": engine, "runner": runner, "key": key,
-                     "kind": kind, "payload": payload, "shared": list(shared)})
-    except Exception:
+        scheduler.loop.add_callback(register)
+    except RuntimeError:  # the loop is closed: nothing will report
         pass
-
-
-#: The engines whose runners ask the schedulers in this process for batches.
-_feeders: dict[str, Feeder] = {}
-
-
-def register_feeder(engine: str, feeder: Feeder) -> None:
-    _feeders[engine] = feeder
-
-
-def unregister_feeder(engine: str) -> None:
-    _feeders.pop(engine, None)
 
 
 def in_process_scheduler(target: Any) -> Any:
     """The scheduler an executor started in this process, which can hand
-    batches to runners, or ``None``."""
+    batches to agents, or ``None``."""
     scheduler = getattr(target, "scheduler", None)
     handlers = getattr(scheduler, "stream_handlers", None)
-    from .._remote import PULL_OP
+    from .._agent import AGENT_OP
 
-    return scheduler if isinstance(handlers, dict) and PULL_OP in handlers else None
-
-
-def forwards_results(client: Any, target: Any) -> bool:
-    """Whether the scheduler forwards the results that tasks push: one that
-    an executor started (``target`` is the launcher's ``Cluster.target``).
-    A scheduler in this process is looked at; another is asked, and one
-    that cannot answer (it cannot import this package) does not forward."""
-    scheduler = getattr(target, "scheduler", None)
-    if scheduler is not None and hasattr(scheduler, "stream_handlers"):
-        return _has_result_forwarding(scheduler)
-    try:
-        return bool(client.run_on_scheduler(_has_result_forwarding))
-    except Exception:
-        return False
-
-
-def _has_result_forwarding(dask_scheduler: Any = None) -> bool:
-    from .._remote import RESULT_OP
-
-    return RESULT_OP in getattr(dask_scheduler, "stream_handlers", {})
+    return scheduler if isinstance(handlers, dict) and AGENT_OP in handlers else None
 
 
 def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -> Any:

@@ -18,7 +18,9 @@ class Cluster:
     ``target`` is what :class:`distributed.Client` connects to: a scheduler
     address, or an in-process cluster object that shares its event loop.
     ``expected_workers`` is how many workers the launcher promised; the
-    executor waits for ``min_workers`` of them before returning.
+    executor waits for ``min_workers`` of them before returning, and, on a
+    cluster of nodes with pools (see ``_agent``), until ``expected_members``
+    members in all have joined them.
     ``workers_reachable`` says this process can connect to the workers
     directly (true when the launcher started them on this job's network), so
     large data can skip the hop through the scheduler. ``shared_directory``
@@ -30,6 +32,7 @@ class Cluster:
     security: Any = None
     expected_workers: int | None = None
     min_workers: int = 0
+    expected_members: int = 0
     description: str = ""
     workers_reachable: bool = False
     shared_directory: str | None = None

@@ -1,9 +1,11 @@
 """``launch='local'``: a cluster of worker processes on this machine.
 
 This is what runs on a laptop, and wherever no SLURM allocation is found.
-The scheduler runs in this process; workers are single-threaded processes,
-like ``ProcessPoolExecutor``'s, restarted if they die. On Linux they are
-forked from a fork server, which imports Dask once for them all (see
+The scheduler runs in this process; the machine is one node (see
+``_agent`` and ``_pool``): one Dask worker, the agent, and ``max_workers``
+member processes that run the calls, like ``ProcessPoolExecutor``'s
+workers, each restarted if it dies. On Linux they are forked from a fork
+server, which imports Dask once for them all (see
 :mod:`sulis_executor._forkserver` for why, and why not from this process);
 elsewhere each is a fresh interpreter (see :mod:`sulis_executor.worker`).
 Everything binds to loopback unless an interface is named: a local cluster
@@ -55,10 +57,22 @@ class LocalLauncher(Launcher):
         # address from their standard input.
         # An interface is in the shared flags; without one, bind to loopback.
         extra = worker_flags(options, None) + ([] if options.interface else ["--host", "127.0.0.1"])
+        # The private directory holds the pool's socket, and shared buffers.
+        self._shared = SharedDirectory()
+        pool = os.path.join(self._shared.path, "pool")
+        agent = [*extra, "--pool", str(self.n_workers), "--pool-socket", pool]
+        member = ["--member", pool]
+        if options.max_tasks_per_child is not None:
+            member += ["--max-tasks", str(options.max_tasks_per_child)]
+
+        def args_for(slot: int, generation: int) -> list[str]:
+            # Slot 0: the agent (a Dask worker); then the members.
+            if slot == 0:
+                return worker_args("-", f"local-{generation}", agent)
+            return worker_args("-", f"local-{slot - 1}-{generation}", member)
+
         self._workers = WorkerProcesses(
-            self.n_workers,
-            lambda slot, generation: worker_args("-", f"local-{slot}-{generation}", extra),
-            env=pythonpath_env(),
+            1 + self.n_workers, args_for, env=pythonpath_env(),
             # mp_context "spawn": fresh interpreters, as multiprocessing's spawn.
             fork=options.mp_context != "spawn",
         )
@@ -69,7 +83,6 @@ class LocalLauncher(Launcher):
         # business listening on the network.
         cluster = start_scheduler(options, self._security, None if options.interface else "127.0.0.1")
         self._cluster = cluster
-        self._shared = SharedDirectory()
         greeting: dict[str, Any] = {
             "scheduler": cluster.scheduler_address,
             # Ours to clean up; the workers do it if this process dies first.
@@ -86,8 +99,9 @@ class LocalLauncher(Launcher):
         return Cluster(
             target=self._cluster,
             security=self._security,
-            expected_workers=self.n_workers,
-            min_workers=self.n_workers,
+            expected_workers=1,
+            min_workers=1,
+            expected_members=self.n_workers,
             description=f"a local cluster of {self.n_workers} worker processes",
             workers_reachable=True,
             shared_directory=self._shared.path,

@@ -6,10 +6,14 @@ Every rank runs the same script and constructs the same executor:
   address, and returns from the constructor to run the user's code; only this
   one task is set aside from the workers (``dask_mpi.initialize`` sets aside
   two: one for the scheduler, one for the client);
-* every other rank becomes a Dask worker inside :meth:`MpiLauncher.start` and
+* every other rank becomes a worker inside :meth:`MpiLauncher.start` and
   never returns: when the scheduler closes (rank 0's executor shuts down) the
   worker ends and the process exits with status 0 via ``sys.exit``, so code
-  after the constructor only ever runs on rank 0.
+  after the constructor only ever runs on rank 0. The worker ranks of each
+  node form its pool (see ``_pool``): each is a member, which runs calls,
+  and the node's lowest worker rank also runs the node's agent (see
+  ``_agent``), a Dask worker, in a thread; so the scheduler handles one
+  worker per node, and ranks that are only members never import Dask.
 
 mpi4py is imported here only, so no other mode initialises MPI. The address
 travels by point-to-point messages, which worker ranks poll for with a
@@ -41,6 +45,8 @@ logger = logging.getLogger("sulis_executor")
 
 #: MPI tag of the message from rank 0 carrying the scheduler address.
 ADDRESS_TAG = 0x5D5C
+#: MPI tag of the message from a node's agent rank carrying its pool's socket.
+POOL_TAG = 0x5D5D
 POLL_INTERVAL = 0.01
 #: Seconds the ranks wait for each other at the end (see _finish_together).
 FINISH_TIMEOUT = 15.0
@@ -89,8 +95,10 @@ class MpiLauncher(Launcher):
                 "script with 'srun --mpi=pmi2 python script.py' or 'mpiexec -n N python "
                 "script.py', or use launch='local'"
             )
+        # The ranks on this node (every rank takes part, at the same point).
+        node_ranks = comm.Split_type(MPI.COMM_TYPE_SHARED).allgather(self.rank)
         if self.rank != 0:
-            self._serve_as_worker(comm, timeout)  # never returns
+            self._serve_as_worker(comm, timeout, sorted(r for r in node_ranks if r != 0))  # never returns
         return self._start_scheduler(comm, timeout)
 
     # -- rank 0 -----------------------------------------------------------
@@ -117,12 +125,13 @@ class MpiLauncher(Launcher):
         self._send_to_workers(comm, message)
         assert self.size is not None
         expected = self.size - 1
-        minimum = min_workers_for(options.wait_for_workers, expected)
+        members = min_workers_for(options.wait_for_workers, expected)
         return Cluster(
             target=self._cluster,
             security=self._security,
-            expected_workers=expected,
-            min_workers=minimum,
+            expected_workers=1,  # the nodes' agents: at least one
+            min_workers=1,
+            expected_members=members,
             description=f"an MPI world of {self.size} ranks ({expected} workers)",
             workers_reachable=True,
         )
@@ -150,7 +159,7 @@ class MpiLauncher(Launcher):
         message: dict[str, Any] = comm.recv(source=0, tag=ADDRESS_TAG)
         return message
 
-    def _worker_argv(self, address: str) -> list[str]:
+    def _agent_argv(self, address: str) -> list[str]:
         return [
             address,
             "--name", f"mpi-{self.rank}",
@@ -160,7 +169,7 @@ class MpiLauncher(Launcher):
             *worker_flags(self._options, _allocation()),
         ]
 
-    def _serve_as_worker(self, comm: Any, timeout: float) -> None:
+    def _serve_as_worker(self, comm: Any, timeout: float, node_workers: list[int]) -> None:
         from .. import worker
 
         message = self._receive_address(comm, timeout)
@@ -169,13 +178,11 @@ class MpiLauncher(Launcher):
             sys.exit(1)
         if message.get("authkey"):
             worker.adopt_authkey(message["authkey"])
-        security = None
-        if "credentials" in message:
-            from .._security import security_from
-
-            security = security_from(message["credentials"])
-        status = worker.main(self._worker_argv(message["address"]), die_with_parent=False,
-                             security=security)
+        if self.rank == node_workers[0]:
+            status = self._serve_as_agent(comm, message, node_workers)
+        else:
+            pool = self._receive_pool(comm, node_workers[0], timeout)
+            status = self._serve_as_member(pool, message)
         if not _finish_together(comm, FINISH_TIMEOUT):
             # Rank 0 is gone (the scheduler vanished and it never reached the
             # final barrier): MPI_Finalize would wait for it forever.
@@ -186,6 +193,61 @@ class MpiLauncher(Launcher):
             os._exit(1)
         # The user's code after the constructor is rank 0's alone.
         sys.exit(status)
+
+    def _serve_as_agent(self, comm: Any, message: dict[str, Any], node_workers: list[int]) -> int:
+        """The node's agent (in a thread: a Dask worker feeding the pool),
+        and one of its members (here)."""
+        import tempfile
+        import threading
+
+        from .. import worker
+
+        security = None
+        if "credentials" in message:
+            from .._security import security_from
+
+            security = security_from(message["credentials"])
+        pool = os.path.join(tempfile.mkdtemp(prefix="sulis-node-"), "pool")
+        for follower in node_workers[1:]:
+            comm.send(pool, dest=follower, tag=POOL_TAG)
+        argv = [*self._agent_argv(message["address"]), "--pool", str(len(node_workers)),
+                "--pool-socket", pool]
+        outcome: list[int] = []
+        agent = threading.Thread(
+            target=lambda: outcome.append(worker.main(argv, die_with_parent=False, security=security)),
+            name="sulis-executor-agent", daemon=True)
+        agent.start()
+        self._serve_as_member(pool, message)
+        agent.join(FINISH_TIMEOUT)
+        import shutil
+
+        shutil.rmtree(os.path.dirname(pool), ignore_errors=True)
+        return outcome[0] if outcome else 1
+
+    def _receive_pool(self, comm: Any, agent: int, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while not comm.iprobe(source=agent, tag=POOL_TAG):
+            if time.monotonic() > deadline:
+                print(f"sulis_executor: MPI rank {self.rank} waited {timeout:g} s for the node's "
+                      f"agent, rank {agent}, to start; check its output for errors",
+                      file=sys.stderr, flush=True)
+                sys.exit(1)
+            time.sleep(POLL_INTERVAL)
+        path: str = comm.recv(source=agent, tag=POOL_TAG)
+        return path
+
+    @staticmethod
+    def _serve_as_member(pool: str, message: dict[str, Any]) -> int:
+        from .. import _pool
+
+        def security() -> Any:
+            if "credentials" not in message:
+                return None
+            from .._security import security_from
+
+            return security_from(message["credentials"])
+
+        return _pool.serve(pool, "", None, _pool.MemberWorker(message["address"], security))
 
     def close(self, timeout: float) -> None:
         cluster, self._cluster = self._cluster, None

@@ -1,10 +1,12 @@
 """``launch='srun'``: a plain ``python script.py`` inside a SLURM allocation.
 
 The scheduler runs in this process (as in the local mode); the workers are
-one background ``srun`` step over the whole allocation, one worker per SLURM
-task, each with the task's CPUs as threads and its share of the job's memory.
-No task is set aside for the scheduler or the script: they are light, and
-run next to the first node's workers.
+one background ``srun`` step over the whole allocation, one task per node
+(``python -m sulis_executor._node``) with all of the node's CPUs, which
+imports Dask once and forks the node's agent, a Dask worker, and one member
+process per SLURM task of the node, which runs the calls (see ``_agent``,
+``_pool`` and ``_node``). No task is set aside for the scheduler or the
+script: they are light, and run next to the first node's members.
 
 The step is started with ``--overlap`` so that it can share the allocation
 with the batch step and with any ``srun`` the user's own script runs later,
@@ -73,16 +75,23 @@ def min_workers_for(wait_for_workers: float | int | None, expected: int) -> int:
     return min(int(wait_for_workers), expected)
 
 
+def node_cpus(allocation: SlurmAllocation) -> int:
+    """CPUs to give each node's task: the node's share of the allocation
+    (all its tasks' CPUs), the smallest node's when nodes differ."""
+    return min(tasks * allocation.cpus_per_task for tasks in allocation.tasks_per_node)
+
+
 def srun_command(
-    allocation: SlurmAllocation, step_name: str, worker_argv: list[str]
+    allocation: SlurmAllocation, step_name: str, node_argv: list[str]
 ) -> list[str]:
-    """The ``srun`` command line that runs ``worker_argv`` once per task."""
+    """The ``srun`` command line that runs ``node_argv`` once per node."""
     return [
         "srun",
         f"--job-name={step_name}",
         f"--nodes={len(allocation.nodes)}",
-        f"--ntasks={allocation.ntasks}",
-        f"--cpus-per-task={allocation.cpus_per_task}",
+        f"--ntasks={len(allocation.nodes)}",
+        "--ntasks-per-node=1",
+        f"--cpus-per-task={node_cpus(allocation)}",
         # Share the allocation with the batch step and later user steps
         # instead of waiting for CPUs/memory they hold.
         "--overlap",
@@ -91,7 +100,7 @@ def srun_command(
         "--export=ALL",
         # srun would forward our stdin to task 0; workers read nothing.
         "--input=none",
-        *worker_argv,
+        *node_argv,
     ]
 
 
@@ -210,15 +219,19 @@ class SrunLauncher(Launcher):
 
     # -- start ------------------------------------------------------------
 
-    def _worker_argv(self, address: str) -> list[str]:
-        return [
-            sys.executable, "-m", "sulis_executor.worker", address,
-            "--name", "srun-{procid}",
+    def _node_argv(self, address: str) -> list[str]:
+        argv = [
+            sys.executable, "-m", "sulis_executor._node", address,
+            "--name", "srun-{node}",
             # Without the scheduler, a worker gives up after this long
             # rather than lingering in the allocation.
             "--death-timeout", str(max(60.0, self._options.timeout)),
             *worker_flags(self._options, self.allocation),
+            "--members-per-node", ",".join(map(str, self.allocation.tasks_per_node)),
         ]
+        if self._options.max_tasks_per_child is not None:
+            argv += ["--max-tasks", str(self._options.max_tasks_per_child)]
+        return argv
 
     def start(self, timeout: float) -> Cluster:
         from ._scheduler import start_scheduler
@@ -229,7 +242,7 @@ class SrunLauncher(Launcher):
         _open_launchers.add(self)
         self._cluster = start_scheduler(options, self._security, scheduler_host(options.interface))
         address = self._cluster.scheduler_address
-        argv = self._worker_argv(address)
+        argv = self._node_argv(address)
         env = pythonpath_env()
         # Workers on other nodes cannot read a node-local file, and srun
         # gives them no standard input of ours, so the job's secrets (the
@@ -245,7 +258,12 @@ class SrunLauncher(Launcher):
         env[CREDENTIALS_VARIABLE] = json.dumps(secrets)
         argv += ["--security-env", CREDENTIALS_VARIABLE]
         command = srun_command(self.allocation, self.step_name, argv)
-        logger.info("starting %d workers: %s", self.allocation.ntasks, " ".join(command))
+        if len(set(self.allocation.tasks_per_node)) > 1:
+            logger.warning("the nodes of this allocation have %s tasks: each node's task gets "
+                           "%d CPUs, the smallest node's", "/".join(map(str, self.allocation.tasks_per_node)),
+                           node_cpus(self.allocation))
+        logger.info("starting %d workers on %d nodes: %s", self.allocation.ntasks,
+                    len(self.allocation.nodes), " ".join(command))
         self._proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
@@ -260,14 +278,17 @@ class SrunLauncher(Launcher):
         )
         with leave_signals_to_main_thread():
             self._stderr_thread.start()
-        expected = self.allocation.ntasks
-        minimum = min_workers_for(options.wait_for_workers, expected)
-        self._wait_for_workers(minimum, deadline)
+        nodes = len(self.allocation.nodes)
+        members = min_workers_for(options.wait_for_workers, self.allocation.ntasks)
+        # Every node's agent, but those only a fraction of workers need.
+        agents = min(nodes, members)
+        self._wait_for_workers(agents, deadline)
         return Cluster(
             target=self._cluster,
             security=self._security,
-            expected_workers=expected,
-            min_workers=minimum,
+            expected_workers=nodes,
+            min_workers=agents,
+            expected_members=members,
             description=self.description,
             workers_reachable=True,
         )
@@ -275,7 +296,7 @@ class SrunLauncher(Launcher):
     @property
     def description(self) -> str:
         a = self.allocation
-        return (f"SLURM job {a.job_id}: srun step {self.step_name!r} of {a.ntasks} workers "
+        return (f"SLURM job {a.job_id}: srun step {self.step_name!r} of {a.ntasks} worker processes "
                 f"on {len(a.nodes)} nodes")
 
     def dashboard_link(self) -> str | None:
