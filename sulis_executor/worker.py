@@ -169,7 +169,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="the launcher's pid: exit at once if it is no longer our parent")
     parser.add_argument("--verbose", action="store_true", help="let Dask's logs through")
     parser.add_argument("--profile", action="store_true",
-                        help="run Dask's statistical profiler (the dashboard's Profile page)")
+                        help="the dashboard is on: run Dask's statistical profiler (its Profile "
+                             "page) and serve Dask's HTTP routes, not /health alone")
     return parser.parse_args(argv)
 
 
@@ -211,6 +212,16 @@ def quiet_worker_config(profile: bool) -> dict[str, Any]:
     return {"distributed.worker.profile.enabled": False, **NO_STALL_CHECK}
 
 
+def http_config(dashboard: bool) -> dict[str, Any]:
+    """What the worker's plain-HTTP server serves: ``/health`` alone, unless
+    the dashboard is on (see ``launchers._network``)."""
+    if dashboard:
+        return {}
+    from .launchers._network import HEALTH_ROUTES
+
+    return {"distributed.worker.http.routes": HEALTH_ROUTES}
+
+
 def _read_greeting(args: argparse.Namespace) -> bool:
     """Read the scheduler address (and credentials file) from the
     launcher's JSON line on standard input. ``False`` if the input ends
@@ -245,17 +256,17 @@ def adopt_authkey(hex_key: str) -> None:
 async def _run(args: argparse.Namespace, security: Any, parentage: Parentage) -> None:
     import dask.config
     from distributed import Worker
-    from distributed.utils import get_ip_interface
 
-    # The worker's HTTP endpoint (/health, metrics) listens only where its
-    # comms do, on a random port, never on every interface.
-    http_host = args.host or (get_ip_interface(args.interface) if args.interface else "127.0.0.1")
+    from .launchers._network import HTTP_HOST
+
     memory_limit: str | int = int(args.memory_limit) if args.memory_limit.isdigit() else args.memory_limit
     if security is None and args.security_file:
         from ._security import read_credentials_file, security_from
 
         security = security_from(read_credentials_file(args.security_file))
-    with dask.config.set(quiet_worker_config(args.profile or args.verbose)):
+    # The config holds while the worker starts (its HTTP routes are read then).
+    with dask.config.set({**quiet_worker_config(args.profile or args.verbose),
+                          **http_config(args.profile)}):
         worker = Worker(
             args.scheduler,
             security=security,
@@ -266,17 +277,19 @@ async def _run(args: argparse.Namespace, security: Any, parentage: Parentage) ->
             interface=args.interface,
             local_directory=args.local_directory,
             dashboard=False,
-            dashboard_address=f"{http_host}:0",
+            # Its plain-HTTP server: loopback, random port, whatever the
+            # comms bind (see launchers._network).
+            dashboard_address=f"{HTTP_HOST}:0",
             death_timeout=args.death_timeout,
         )
-    # Dask batches the worker's messages to the scheduler every 2 ms; a
-    # finished task's report is most of what the executor waits on between
-    # one batch and the next, so send after 1 ms (see launchers._scheduler).
-    worker.batched_stream.interval = STREAM_INTERVAL
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, _on_signal, worker, args, parentage)
-    await worker
+        # Dask batches the worker's messages to the scheduler every 2 ms; a
+        # finished task's report is most of what the executor waits on between
+        # one batch and the next, so send after 1 ms (see launchers._scheduler).
+        worker.batched_stream.interval = STREAM_INTERVAL
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, _on_signal, worker, args, parentage)
+        await worker
     await worker.finished()
 
 
