@@ -369,7 +369,7 @@ class SulisDaskExecutor(Executor):
         self._lifetime.hold(self)
 
     def _job_security(self) -> Any:
-        if self._mode == "local":
+        if self._mode in ("local", "srun"):
             # Made once the workers are on their way (see DeferredSecurity).
             return DeferredSecurity(lambda: job_security(self._mode, self._options))
         return job_security(self._mode, self._options)

@@ -24,11 +24,14 @@ itself opened (``OUT_DIR/mpi-PID.json``), which are MPI's, not ours, as
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -105,6 +108,30 @@ def environ_holders(secrets: list[bytes]) -> list[str]:
 
 def _pid() -> int:
     return os.getpid()
+
+
+def host_port(address: str) -> Address:
+    """``tls://10.77.0.1:4000`` -> ``("10.77.0.1", 4000)``."""
+    host, _, port = address.split("://")[-1].rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def open_doors(report: dict[str, Any], not_ours: Callable[[str], bool] = lambda cmdline: False) -> list[str]:
+    """Listening sockets in a report that are neither a TLS comm port nor on
+    loopback; MPI's own (opened before the executor existed) and those of
+    processes ``not_ours`` (by command line) aside."""
+    comms = {host_port(address) for address in report["comms"]}
+    doors = []
+    for pid, process in report["processes"].items():
+        if not_ours(process["cmdline"]):
+            continue
+        mpi_own = {tuple(a) for a in report["mpi_sockets"].get(pid, [])}
+        for host, port in process["listening"]:
+            if (host, port) in comms or (host, port) in mpi_own:
+                continue
+            if not ipaddress.ip_address(host).is_loopback:
+                doors.append(f"{host}:{port} in {pid} ({process['cmdline']})")
+    return doors
 
 
 def main(out: Path, options: dict[str, object]) -> None:

@@ -16,7 +16,6 @@ environment may hold the job's secrets.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import shutil
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.open_ports_probe import open_doors
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = REPO / "tests" / "open_ports_probe.py"
@@ -68,27 +69,6 @@ def run_probe_in_namespace(tmp_path: Path, options: dict[str, Any],
     assert result.stdout == "" and result.stderr == "", "a normal run prints nothing"
     report: dict[str, Any] = json.loads((tmp_path / "report.json").read_text())
     return report
-
-
-def host_port(address: str) -> tuple[str, int]:
-    """``tls://10.77.0.1:4000`` -> ``("10.77.0.1", 4000)``."""
-    host, _, port = address.split("://")[-1].rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def open_doors(report: dict[str, Any]) -> list[str]:
-    """Listening sockets that are neither a TLS comm port nor on loopback
-    (nor MPI's own, opened before the executor existed)."""
-    comms = {host_port(address) for address in report["comms"]}
-    doors = []
-    for pid, process in report["processes"].items():
-        mpi_own = {tuple(a) for a in report["mpi_sockets"].get(pid, [])}
-        for host, port in process["listening"]:
-            if (host, port) in comms or (host, port) in mpi_own:
-                continue
-            if not ipaddress.ip_address(host).is_loopback:
-                doors.append(f"{host}:{port} in {pid} ({process['cmdline']})")
-    return doors
 
 
 def assert_no_open_doors(report: dict[str, Any], workers: int) -> None:
