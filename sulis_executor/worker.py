@@ -240,6 +240,7 @@ async def _run(args: argparse.Namespace, security: Any, parentage: Parentage) ->
     import dask.config
     from distributed import Worker
 
+    from ._versions import worker_startup_information
     from .launchers._network import HTTP_HOST
 
     memory_limit: str | int = int(args.memory_limit) if args.memory_limit.isdigit() else args.memory_limit
@@ -265,6 +266,8 @@ async def _run(args: argparse.Namespace, security: Any, parentage: Parentage) ->
             # comms bind (see launchers._network).
             dashboard_address=f"{HTTP_HOST}:0",
             death_timeout=args.death_timeout,
+            # Our version, which the scheduler checks (see _versions).
+            startup_information=worker_startup_information(),
         )
         # Dask batches the worker's messages to the scheduler every 2 ms; a
         # finished task's report is most of what the executor waits on between
@@ -336,12 +339,23 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
             raise
         # One line, no traceback: enough for a launcher's error message
         # (the srun mode shows the step's stderr tail) to say what went wrong.
-        print(f"sulis_executor.worker {args.name or ''}: {type(error).__name__}: {error}",
+        print(f"sulis_executor.worker {args.name or ''}: {_one_line(error)}",
               file=sys.stderr, flush=True)
         return 1
     finally:
         _clean_up_if_orphaned(args, parentage)
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """``error`` and its causes: Dask's "Worker failed to start" says why
+    only in its cause (e.g. the scheduler refused it: see ``_versions``)."""
+    parts: list[str] = []
+    seen: BaseException | None = error
+    while seen is not None and len(parts) < 4:
+        parts.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__
+    return "; caused by ".join(parts)
 
 
 def _on_signal(worker: Any, args: argparse.Namespace, parentage: Parentage) -> None:

@@ -20,6 +20,8 @@ mpi), so they agree on the details that matter:
 * Runners (``_remote.run_pulled``) ask it for their next batch, which the
   executor's engine in this process hands out (``Feeder``); a worker that
   leaves gives the batches its runners held back to the engine.
+* Workers running another version of this package are refused as they
+  register (see ``_versions``).
 * TLS when a ``Security`` is given, and random ports only. Dask's HTTP
   server, plain and unauthenticated, serves ``/health`` alone on loopback
   unless the dashboard is asked for (see ``_network.HTTP_HOST``), whatever
@@ -227,7 +229,9 @@ def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -
         dashboard = None
         scheduler_kwargs = {"dashboard_address": f"{HTTP_HOST}:0"}
         http = {"distributed.scheduler.http.routes": HEALTH_ROUTES}
-    scheduler_kwargs["plugins"] = [_executor_streams()]
+    from .._versions import version_gate
+
+    scheduler_kwargs["plugins"] = [_executor_streams(), version_gate()]
     quiet = {} if options.verbose else NO_STALL_CHECK
     # Its event loop's thread, and the threads that loop starts, leave
     # signals to our main thread; starting it takes about 10 ms.

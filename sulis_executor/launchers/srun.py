@@ -335,8 +335,11 @@ class SrunLauncher(Launcher):
 
     def _wait_for_workers(self, minimum: int, deadline: float) -> None:
         """Wait for ``minimum`` workers, failing fast if the step ends."""
+        from .._versions import raise_if_refused
+
         assert self._proc is not None
         while self._worker_count() < minimum:
+            raise_if_refused(self._cluster.scheduler)
             returncode = self._proc.poll()
             if returncode is not None:
                 raise RuntimeError(
@@ -353,6 +356,7 @@ class SrunLauncher(Launcher):
                     + ("\n".join(self._stderr_tail) or "(nothing)")
                 )
             time.sleep(0.05)
+        raise_if_refused(self._cluster.scheduler)
 
     # -- close ------------------------------------------------------------
 
