@@ -110,16 +110,19 @@ def raise_if_refused(scheduler: Any) -> None:
         raise VersionMismatchError(refused[0] + more)
 
 
-def check_workers(client: Any) -> None:
+def check_workers(client: Any, timeout: float) -> None:
     """Ask the workers of a cluster someone else runs which version they
-    import; raise :class:`VersionMismatchError` naming those that differ."""
+    import; raise :class:`VersionMismatchError` naming those that differ
+    (``TimeoutError`` if they have not all answered within ``timeout``)."""
     import cloudpickle
 
     from . import _version_probe
 
     # By value: a worker with another version, or none, can still run it.
     cloudpickle.register_pickle_by_value(_version_probe)
-    answers = client.run(_version_probe.imported_version, on_error="return")
+    # (callback_timeout goes to Client.sync, which bounds the whole call.)
+    answers = client.run(_version_probe.imported_version, on_error="return",
+                         callback_timeout=timeout)
     differ = {address: answer for address, answer in sorted(answers.items())
               # (An exception: the worker left meanwhile; nothing to check.)
               if not isinstance(answer, BaseException) and tuple(answer) != (True, __version__)}

@@ -414,7 +414,7 @@ class SulisDaskExecutor(Executor):
                 )
             if cluster.min_workers:
                 self._wait_for_workers(client, cluster, deadline)
-            self._check_versions(client, cluster)
+            self._check_versions(client, cluster, deadline)
             engine = Engine(client, self._launcher, token, initializer is not None,
                             cluster.workers_reachable, cluster.shared_directory,
                             forwards_results(client, cluster.target),
@@ -456,14 +456,22 @@ class SulisDaskExecutor(Executor):
             ) from None
 
     @staticmethod
-    def _check_versions(client: Any, cluster: Cluster) -> None:
+    def _check_versions(client: Any, cluster: Cluster, deadline: float) -> None:
         """Raise ``VersionMismatchError`` if a worker runs another version:
         one our scheduler refused, or one of a cluster someone else runs."""
         scheduler = in_process_scheduler(cluster.target)
         if scheduler is not None:
             raise_if_refused(scheduler)
-        else:
-            check_workers(client)
+            return
+        timeout = max(1.0, deadline - time.monotonic())
+        try:
+            check_workers(client, timeout)
+        except TimeoutError:
+            raise ClusterStartupTimeout(
+                f"the workers of {cluster.description} did not say which version of "
+                f"sulis_executor they run within {timeout:g} s; check that they are "
+                "responsive, or raise timeout="
+            ) from None
 
     def __reduce__(self) -> Any:
         raise UnpicklableError(
