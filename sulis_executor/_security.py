@@ -10,9 +10,10 @@ The key never appears on a command line, in an environment or in a
 world-readable file. Local workers read it from a file created with mode 0600
 inside a directory created with mode 0700, whose path they read on their
 standard input; ``srun`` workers read the key itself on their standard input
-(see ``launchers.srun``), MPI ranks in an MPI message. An elliptic-curve key is used because it is generated in about a
-millisecond, where the 2048-bit RSA key of ``Security.temporary()`` takes
-tens of milliseconds of startup.
+(see ``launchers.srun``); MPI ranks get it in an MPI message. An
+elliptic-curve key is used because it is generated in about a millisecond,
+where the 2048-bit RSA key of ``Security.temporary()`` takes tens of
+milliseconds of startup.
 """
 
 from __future__ import annotations

@@ -199,7 +199,7 @@ def http_config(dashboard: bool) -> dict[str, Any]:
         return {}
     from .launchers._network import HEALTH_ROUTES
 
-    return {"distributed.worker.http.routes": HEALTH_ROUTES}
+    return {"distributed.worker.http.routes": list(HEALTH_ROUTES)}
 
 
 def _read_greeting(args: argparse.Namespace) -> bool:

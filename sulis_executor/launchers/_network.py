@@ -24,7 +24,7 @@ __all__ = ["HEALTH_ROUTES", "HTTP_HOST", "interface_addresses", "scheduler_host"
 #: them, and on the cluster network they would be open to anyone.
 HTTP_HOST = "127.0.0.1"
 #: What those servers serve, for Dask's ``distributed.*.http.routes``.
-HEALTH_ROUTES = ["distributed.http.health"]
+HEALTH_ROUTES = ("distributed.http.health",)
 
 
 def interface_addresses() -> dict[str, list[str]]:

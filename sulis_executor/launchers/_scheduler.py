@@ -214,6 +214,7 @@ def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -
     (or ``options.interface`` when ``host`` is ``None``)."""
     from distributed import LocalCluster
 
+    from .._versions import version_gate
     from ._network import HEALTH_ROUTES, HTTP_HOST
 
     bind: dict[str, Any] = {"host": host} if host else {"interface": options.interface}
@@ -228,9 +229,7 @@ def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -
         # Not on the comms' address: nobody else needs it (see _network).
         dashboard = None
         scheduler_kwargs = {"dashboard_address": f"{HTTP_HOST}:0"}
-        http = {"distributed.scheduler.http.routes": HEALTH_ROUTES}
-    from .._versions import version_gate
-
+        http = {"distributed.scheduler.http.routes": list(HEALTH_ROUTES)}
     scheduler_kwargs["plugins"] = [_executor_streams(), version_gate()]
     quiet = {} if options.verbose else NO_STALL_CHECK
     # Its event loop's thread, and the threads that loop starts, leave
