@@ -53,6 +53,7 @@ from ._map import (
 from ._quiet import silence_dask_logs
 from ._security import DeferredSecurity
 from ._signals import leave_signals_to_main_thread
+from ._versions import check_workers, raise_if_refused
 from .config import ExecutorOptions, resolve_options
 from .errors import BrokenSulisExecutor, ClusterStartupTimeout, UnpicklableError
 from .launchers import choose_launch_mode, make_launcher
@@ -369,7 +370,7 @@ class SulisDaskExecutor(Executor):
         self._lifetime.hold(self)
 
     def _job_security(self) -> Any:
-        if self._mode == "local":
+        if self._mode in ("local", "srun"):
             # Made once the workers are on their way (see DeferredSecurity).
             return DeferredSecurity(lambda: job_security(self._mode, self._options))
         return job_security(self._mode, self._options)
@@ -413,6 +414,7 @@ class SulisDaskExecutor(Executor):
                 )
             if cluster.min_workers:
                 self._wait_for_workers(client, cluster, deadline)
+            self._check_versions(client, cluster, deadline)
             engine = Engine(client, self._launcher, token, initializer is not None,
                             cluster.workers_reachable, cluster.shared_directory,
                             forwards_results(client, cluster.target),
@@ -439,6 +441,7 @@ class SulisDaskExecutor(Executor):
         try:
             if scheduler is not None and hasattr(scheduler, "workers"):
                 while len(scheduler.workers) < count:
+                    raise_if_refused(scheduler)  # a worker of another version
                     if time.monotonic() > deadline:
                         raise TimeoutError
                     time.sleep(0.005)
@@ -450,6 +453,24 @@ class SulisDaskExecutor(Executor):
                 f"only {arrived} of {count} workers of {cluster.description} arrived before the "
                 f"timeout; check the workers' output for errors, that they can reach the "
                 f"scheduler on the chosen interface, or raise timeout="
+            ) from None
+
+    @staticmethod
+    def _check_versions(client: Any, cluster: Cluster, deadline: float) -> None:
+        """Raise ``VersionMismatchError`` if a worker runs another version:
+        one our scheduler refused, or one of a cluster someone else runs."""
+        scheduler = in_process_scheduler(cluster.target)
+        if scheduler is not None:
+            raise_if_refused(scheduler)
+            return
+        timeout = max(1.0, deadline - time.monotonic())
+        try:
+            check_workers(client, timeout)
+        except TimeoutError:
+            raise ClusterStartupTimeout(
+                f"the workers of {cluster.description} did not say which version of "
+                f"sulis_executor they run within {timeout:g} s; check that they are "
+                "responsive, or raise timeout="
             ) from None
 
     def __reduce__(self) -> Any:
