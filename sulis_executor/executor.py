@@ -19,6 +19,7 @@ from ._engine import CallTiming, Engine
 from ._map import (
     AUTO_CHUNKSIZE,
     ChunkSizer,
+    MapFeed,
     default_window,
     items_hint,
     ordered_results,
@@ -180,6 +181,8 @@ class SulisDaskExecutor(Executor):
         self._shutdown_lock = threading.Lock()
         self._shutdown = False
         self._teardown_thread: threading.Thread | None = None
+        # Maps still reading their inputs, which shutdown finishes (see _map).
+        self._maps: weakref.WeakSet[MapFeed] = weakref.WeakSet()
         self._mode, reason = choose_launch_mode(self._options, os.environ)
         logger.info("launch mode %r: %s", self._mode, reason)
         if self._options.max_tasks_per_child is not None and self._mode != "local":
@@ -377,7 +380,17 @@ class SulisDaskExecutor(Executor):
         total = items_hint(iterables)
         sizer = ChunkSizer(fixed, lambda: engine.threads, total)
         window = buffersize if buffersize is not None else default_window(engine.threads, fixed)
-        results = ordered_results(fn, iterables, sizer, window, submit_chunks, end_time, engine.abandon_chunks)
+
+        def submit_rest(fn: Callable[..., Any], chunks: list[tuple[list[Any], int]],
+                        star: bool) -> list[Future[Any]]:
+            # Shutdown finishing the map: as ProcessPoolExecutor's map, it
+            # submits every call, even once new work is refused.
+            return engine.submit_chunks(fn, chunks, star, timing)
+
+        # A map given buffersize submits only as it is read, as CPython's: not finished.
+        finish = None if buffersize is not None else (self._maps.add, submit_rest)
+        results = ordered_results(fn, iterables, sizer, window, submit_chunks, end_time,
+                                  engine.abandon_chunks, lambda: engine.threads, finish)
         if progress:
             from ._progress import progress as show_progress
 
@@ -385,8 +398,18 @@ class SulisDaskExecutor(Executor):
         return results
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        # Maps still reading their inputs are finished, as ProcessPoolExecutor's
+        # (which submit everything at once) would be, or cut (see _map).
+        maps = list(self._maps)
+        for feed in maps:
+            feed.stop_refilling()
         with self._shutdown_lock:
             self._shutdown = True
+        for feed in maps:
+            if cancel_futures or self._engine.broken is not None:
+                feed.cut()
+            else:
+                feed.drain()
         if cancel_futures:
             self._engine.cancel_queued()
         if wait:

@@ -418,6 +418,31 @@ def test_shutdown_cancel_futures_cancels_the_pending_futures(executor, make_gate
         assert all(f.cancelled() for f in fs)
 
 
+@pytest.mark.parametrize("wait", [True, False])
+def test_map_results_can_be_read_after_shutdown(executor, wait):
+    # The Sulis page's concurrent.futures example prints its map's results
+    # after the with block. Far more items than the executor's window.
+    results = executor.map(h.square, range(3000))
+    executor.shutdown(wait=wait)
+    assert list(results) == [x * x for x in range(3000)]
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.map(h.square, [1])
+
+
+def test_map_cut_by_shutdown_with_cancel_futures_raises_cancelled_error(executor, make_gate):
+    gates = occupy_workers(executor, make_gate)
+    results = executor.map(h.square, range(3000))
+    executor.shutdown(wait=False, cancel_futures=True)
+    for g in gates:
+        g.release()
+    read = []
+    with pytest.raises(futures.CancelledError):
+        for value in results:
+            read.append(value)
+    assert read == [x * x for x in range(len(read))]
+    assert len(read) < 3000
+
+
 # -- future states -----------------------------------------------------------
 
 
