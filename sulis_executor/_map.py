@@ -243,6 +243,13 @@ class MapFeed:
                 chunks.append(chunk)
             self.pending.extend(self._submit_rest(self._fn, chunks, self._star))
 
+    def end(self) -> None:
+        """The results iterator has ended (read to the end, closed, dropped,
+        or failed): there is nothing left to finish."""
+        with self._lock:
+            self._refilling = False
+            self._items = iter(())
+
     def cut(self) -> None:
         """End the map where it is: reading past the chunks submitted
         raises ``CancelledError``, if any input was left."""
@@ -344,7 +351,9 @@ def _results(
     finally:
         # Closed, dropped, timed out or failed: nobody will read the rest.
         # Chunks not yet started never run; those a worker is running finish,
-        # as running calls do in ProcessPoolExecutor.
+        # as running calls do in ProcessPoolExecutor. And shutdown has no
+        # inputs left to finish: a traceback may keep this feed alive.
+        feed.end()
         timed.clear()
         left = feed.unyielded()
         if left:

@@ -146,3 +146,14 @@ def test_a_map_cut_with_no_input_left_ends_as_usual() -> None:
     results, feed, _ = opened_map(20, 5)
     feed.cut()
     assert list(results) == [x * x for x in range(20)]
+
+
+def test_a_map_whose_iterator_has_ended_has_nothing_left_to_finish() -> None:
+    # Ctrl-C in a map inside "with executor": the iterator fails, but the
+    # traceback keeps its feed alive while __exit__ shuts the executor down.
+    results, feed, submitted = opened_map(1000, 5)
+    next(results)
+    results.close()
+    read = sum(submitted)
+    feed.drain()
+    assert sum(submitted) == read < 1000
