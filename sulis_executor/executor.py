@@ -29,6 +29,7 @@ from ._security import DeferredSecurity
 from .config import ExecutorOptions, resolve_options
 from .errors import BrokenSulisExecutor, ClusterStartupTimeout
 from .launchers import choose_launch_mode, make_launcher
+from .launchers._existing import PublishedLauncher, find_existing_cluster
 from .launchers._scheduler import forwards_results, in_process_scheduler
 from .launchers.base import Cluster
 
@@ -183,7 +184,10 @@ class SulisDaskExecutor(Executor):
         self._teardown_thread: threading.Thread | None = None
         # Maps still reading their inputs, which shutdown finishes (see _map).
         self._maps: weakref.WeakSet[MapFeed] = weakref.WeakSet()
-        self._mode, reason = choose_launch_mode(self._options, os.environ)
+        # A cluster this process already uses (dask_mpi.initialize(), the
+        # user's Client, Dask's config) is joined, not started again.
+        existing = find_existing_cluster(os.environ)
+        self._mode, reason = choose_launch_mode(self._options, os.environ, existing)
         logger.info("launch mode %r: %s", self._mode, reason)
         if self._options.max_tasks_per_child is not None and self._mode != "local":
             source = self._options.sources.get("max_tasks_per_child", "argument max_tasks_per_child=")
@@ -192,7 +196,7 @@ class SulisDaskExecutor(Executor):
                 f"executor can replace; in {self._mode!r} mode ({reason}) the workers are "
                 f"fixed. Unset it ({source}), or use launch='local'"
             )
-        self._launcher = make_launcher(self._mode, self._options, self._job_security())
+        self._launcher = make_launcher(self._mode, self._options, self._job_security(), existing)
         self._engine = self._start(initializer, tuple(initargs))
         self._finalizer = weakref.finalize(self, _shutdown_engine, self._engine)
         # An executor still open at exit is closed by an atexit hook of its
@@ -229,6 +233,7 @@ class SulisDaskExecutor(Executor):
             self._launcher.close(timeout=10)
             raise
         token = uuid.uuid4().hex
+        launcher: Any = self._launcher
         try:
             if initializer is not None:
                 client.register_plugin(
@@ -242,14 +247,16 @@ class SulisDaskExecutor(Executor):
                 )
             if cluster.min_workers:
                 self._wait_for_workers(client, cluster, deadline)
-            engine = Engine(client, self._launcher, token, initializer is not None,
+            # While open, Dask's config names this cluster: Client() joins it.
+            launcher = PublishedLauncher(self._launcher, client)
+            engine = Engine(client, launcher, token, initializer is not None,
                             cluster.workers_reachable, cluster.shared_directory,
                             forwards_results(client, cluster.target),
                             one_call_per_task=self._options.max_tasks_per_child is not None,
                             scheduler=in_process_scheduler(cluster.target))
         except BaseException:
             client.close()
-            self._launcher.close(timeout=10)
+            launcher.close(timeout=10)
             raise
         logger.info(
             "%s ready: %d workers in %.2f s",
