@@ -289,10 +289,15 @@ def ordered_results(
     ``submit_rest``) or cut; the feed lives as long as the iterator."""
     track, submit_rest = finish if finish is not None else (None, None)
     feed = MapFeed(fn, iterables, sizer, window, submit_chunks, threads, submit_rest)
+    feed.refill()
+    results = _results(feed, sizer, end_time, abandon)
+    # Only once the iterator exists: a map interrupted (Ctrl-C) while
+    # submitting its first chunks has no iterator to finish, as
+    # ProcessPoolExecutor's, interrupted while submitting, runs only what it
+    # had submitted.
     if track is not None:
         track(feed)
-    feed.refill()
-    return _results(feed, sizer, end_time, abandon)
+    return results
 
 
 def _observe(sizer: ChunkSizer, future: Future[Any]) -> None:

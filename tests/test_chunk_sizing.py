@@ -157,3 +157,19 @@ def test_a_map_whose_iterator_has_ended_has_nothing_left_to_finish() -> None:
     read = sum(submitted)
     feed.drain()
     assert sum(submitted) == read < 1000
+
+
+def test_a_map_interrupted_while_submitting_its_first_chunks_is_not_finished_at_shutdown() -> None:
+    # Ctrl-C in map() itself: there is no iterator to read the rest, and
+    # ProcessPoolExecutor, interrupted while submitting, runs only what it had.
+    from sulis_executor._map import ordered_results
+
+    def interrupted(fn, chunks, star):
+        raise KeyboardInterrupt
+
+    feeds: list = []
+    with pytest.raises(KeyboardInterrupt):
+        ordered_results(lambda x: x, (range(1000),), ChunkSizer(5, lambda: 2, 1000), 4,
+                        interrupted, None, lambda futures: None, lambda: 2,
+                        (feeds.append, interrupted))
+    assert feeds == []
