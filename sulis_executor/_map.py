@@ -30,7 +30,10 @@ lets it run. With ``cancel_futures=True`` it is cut instead
 (:meth:`MapFeed.cut`): reading past what was submitted raises
 ``CancelledError``, as the cancelled futures of ``ProcessPoolExecutor``'s
 map do. A map given ``buffersize`` is not finished: like CPython's, it
-submits more only as its results are read, which shutdown forbids.
+submits more only as its results are read, which shutdown forbids. Nor is a
+map whose iterator has ended, or was never returned (Ctrl-C in ``map()``),
+nor any map when an exception leaves the executor's ``with`` block (the code
+after it, which could read the results, does not run).
 """
 
 from __future__ import annotations

@@ -440,6 +440,15 @@ class SulisDaskExecutor(Executor):
 
     shutdown.__doc__ = Executor.shutdown.__doc__
 
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool | None:
+        if exc_type is not None:
+            # An exception (Ctrl-C too) leaves the with block: the code after
+            # it, which could read a map's results, does not run, so no map is
+            # finished (see _map); what was submitted still runs.
+            for feed in list(self._maps):
+                feed.cut()
+        return super().__exit__(exc_type, exc_val, exc_tb)
+
     def terminate_workers(self) -> None:
         """Terminate every worker process now (SIGTERM; SIGKILL for those
         still there a second later, since a worker closes on SIGTERM only

@@ -661,6 +661,20 @@ def scheduler_task_count(ex) -> int:
     return ex.client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
 
 
+def test_an_exception_leaving_the_with_block_does_not_finish_a_map(tmp_path):
+    # ProcessPoolExecutor submits a map's every call at once, and
+    # waits for them all. Here the code after the block, which could read the
+    # rest, does not run; what was submitted runs.
+    paths = [str(tmp_path / f"call{i}") for i in range(2000)]
+    with pytest.raises(RuntimeError, match="stop"):
+        with SulisDaskExecutor(max_workers=2) as ex:
+            results = ex.map(h.record, paths)
+            next(results)
+            raise RuntimeError("stop")
+    ran = sum(os.path.exists(p) for p in paths)
+    assert 1 <= ran < 2000
+
+
 def test_cluster_forgets_tasks_once_their_futures_are_settled(shared_executor, make_gate, gate_dir):
     ex = shared_executor
     wait_until(lambda: scheduler_task_count(ex) == 0, 10, "an idle scheduler")
