@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from .errors import RemoteTraceback as RemoteTraceback
     from .errors import UnpicklableError as UnpicklableError
     from .errors import UnpicklingFailedError as UnpicklingFailedError
+    from .errors import VersionMismatchError as VersionMismatchError
     from .errors import WorkerDiedError as WorkerDiedError
     from .executor import SulisDaskExecutor as SulisDaskExecutor
 
@@ -30,6 +31,7 @@ _EXPORTS = {
     "SulisDaskExecutor": ".executor",
     "UnpicklableError": ".errors",
     "UnpicklingFailedError": ".errors",
+    "VersionMismatchError": ".errors",
     "WorkerDiedError": ".errors",
     "progress": "._progress",
 }

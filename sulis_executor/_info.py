@@ -91,8 +91,12 @@ def describe_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     """What ``SulisDaskExecutor()`` would do with this environment, as a
     JSON-able dict. Raises ``ValueError`` (naming the variable) or
     ``TypeError`` for a bad environment, as the executor would."""
+    from .launchers._existing import find_existing_cluster
+
     options = resolve_options({}, environ)
-    mode, reason = choose_launch_mode(options, environ)
+    # Here only Dask's config can name one (e.g. DASK_SCHEDULER_ADDRESS).
+    existing = find_existing_cluster(environ)
+    mode, reason = choose_launch_mode(options, environ, existing)
     allocation = SlurmAllocation.from_environ(environ)
     info: dict[str, Any] = {
         "mode": mode,
@@ -179,6 +183,14 @@ def describe_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         if not options.scheduler_file:
             info["problems"].append("launch='scheduler_file' needs scheduler_file= "
                                     "(or SULIS_EXECUTOR_SCHEDULER_FILE)")
+    elif mode == "attach":
+        if existing is None:
+            info["problems"].append(
+                "launch='attach' needs a Dask cluster in the script's process (dask_mpi."
+                "initialize(), an open distributed.Client, or Dask's scheduler-address)")
+        else:
+            info.update(cluster=f"joins {existing.description}; its workers keep their "
+                                "own threads and memory")
     elif mode == "address":
         info.update(cluster=f"attaches to the running scheduler at {options.address}")
         if not options.address:

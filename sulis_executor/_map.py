@@ -20,6 +20,20 @@ runners, in ``_engine``, cut that to about 2 ms):
   travel to the cluster several to a task, as submitted calls do (each still
   runs, and is pickled, on its own). Inputs are read lazily, so a ``map``
   over ten million items, or an infinite generator, runs in bounded memory.
+
+``ProcessPoolExecutor.map`` (without ``buffersize``) submits every call at
+once, so its results can still be read after ``shutdown()``: the Sulis
+page's ``concurrent.futures`` example prints them after its ``with`` block.
+So a map still reading its inputs when the executor shuts down is finished
+first (:meth:`MapFeed.drain`): the rest is submitted, and ``shutdown()``
+lets it run. With ``cancel_futures=True`` it is cut instead
+(:meth:`MapFeed.cut`): reading past what was submitted raises
+``CancelledError``, as the cancelled futures of ``ProcessPoolExecutor``'s
+map do. A map given ``buffersize`` is not finished: like CPython's, it
+submits more only as its results are read, which shutdown forbids. Nor is a
+map whose iterator has ended, or was never returned (Ctrl-C in ``map()``),
+nor any map when an exception leaves the executor's ``with`` block (the code
+after it, which could read the results, does not run).
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import collections
 import itertools
 import math
 import operator
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
@@ -155,43 +170,137 @@ class ChunkSizer:
         self._well_timed = self._well_timed or items > 1
 
 
+SubmitChunks = Callable[[Callable[..., Any], list[tuple[list[Any], int]], bool], list[Future[Any]]]
+
+
+class MapFeed:
+    """A map's inputs not yet submitted, and its chunks not yet yielded."""
+
+    def __init__(self, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...],
+                 sizer: ChunkSizer, window: int, submit_chunks: SubmitChunks,
+                 threads: Callable[[], int], submit_rest: SubmitChunks | None = None) -> None:
+        self._fn = fn
+        # One iterable: send bare items, which pickle faster than 1-tuples.
+        self._star = len(iterables) != 1
+        self._items: Iterator[Any] = zip(*iterables) if self._star else iter(iterables[0])
+        self._position = 0  # index of the next item, for error messages
+        self._sizer = sizer
+        self._window = window
+        self._submit_chunks = submit_chunks
+        self._submit_rest = submit_rest or submit_chunks
+        self._threads = threads
+        self.pending: collections.deque[Future[Any]] = collections.deque()
+        # Chunks done and timed before their turn to be yielded (while probing).
+        self.timed: set[Future[Any]] = set()
+        # Held while reading the inputs and adding to ``pending``: shutdown
+        # may finish the map from another thread while it is being read.
+        self._lock = threading.Lock()
+        self._refilling = True
+
+    def refill(self) -> None:
+        """Submit chunks while the window and the sizer allow."""
+        with self._lock:
+            if not self._refilling:
+                return
+            chunks: list[tuple[list[Any], int]] = []
+            while (len(self.pending) + len(chunks) < self._window
+                   and self._sizer.may_submit(len(self.pending) + len(chunks) - len(self.timed))):
+                chunk = self._take(self._sizer.next_size())
+                if chunk is None:
+                    break
+                chunks.append(chunk)
+            if chunks:
+                self.pending.extend(self._submit_chunks(self._fn, chunks, self._star))
+
+    def _take(self, size: int) -> tuple[list[Any], int] | None:
+        chunk = list(itertools.islice(self._items, size))
+        if not chunk:
+            return None
+        self._sizer.took(len(chunk))
+        first, self._position = self._position, self._position + len(chunk)
+        return chunk, first
+
+    def stop_refilling(self) -> None:
+        """From now on only :meth:`drain` or :meth:`cut` add chunks (a
+        refill under way finishes first)."""
+        with self._lock:
+            self._refilling = False
+
+    def drain(self) -> None:
+        """Submit every input left (with ``submit_rest``, which works after
+        shutdown has refused new work), as
+        ``ProcessPoolExecutor.map`` would have at once: in chunks of the
+        map's next size or, before any chunk has been timed, two per worker
+        thread."""
+        with self._lock:
+            self._refilling = False
+            rest = list(self._items)
+            if not rest:
+                return
+            size = self._sizer.next_size()
+            if not self._sizer.well_timed:
+                size = max(size, math.ceil(len(rest) / (2 * max(1, self._threads()))))
+            self._items = iter(rest)
+            chunks = []
+            while (chunk := self._take(size)) is not None:
+                chunks.append(chunk)
+            self.pending.extend(self._submit_rest(self._fn, chunks, self._star))
+
+    def end(self) -> None:
+        """The results iterator has ended (read to the end, closed, dropped,
+        or failed): there is nothing left to finish."""
+        with self._lock:
+            self._refilling = False
+            self._items = iter(())
+
+    def cut(self) -> None:
+        """End the map where it is: reading past the chunks submitted
+        raises ``CancelledError``, if any input was left."""
+        with self._lock:
+            self._refilling = False
+            if next(self._items, _END) is not _END:
+                cancelled: Future[Any] = Future()
+                cancelled.cancel()
+                self.pending.append(cancelled)
+            self._items = iter(())
+
+    def unyielded(self) -> list[Future[Any]]:
+        with self._lock:
+            return list(self.pending)
+
+
+_END = object()
+
+
 def ordered_results(
     fn: Callable[..., Any],
     iterables: tuple[Iterable[Any], ...],
     sizer: ChunkSizer,
     window: int,
-    submit_chunks: Callable[[Callable[..., Any], list[tuple[list[Any], int]], bool], list[Future[Any]]],
+    submit_chunks: SubmitChunks,
     end_time: float | None,
     abandon: Callable[[list[Future[Any]]], None],
+    threads: Callable[[], int] = lambda: 1,
+    finish: tuple[Callable[[MapFeed], None], SubmitChunks] | None = None,
 ) -> Iterator[Any]:
     """Submit the first ``window`` chunks now; return the results iterator.
     ``submit_chunks(fn, [(chunk, index of its first item), ...], star)``
     submits chunks together (the engine sends them to the cluster as one
     graph). ``abandon`` is given the chunks nobody will read, when the
-    iterator ends early."""
-    # One iterable: send bare items, which pickle faster than 1-tuples.
-    star = len(iterables) != 1
-    items = zip(*iterables) if star else iter(iterables[0])
-    position = [0]  # index of the next item, for error messages
-    pending: collections.deque[Future[Any]] = collections.deque()
-    # Chunks done and timed before their turn to be yielded (while probing).
-    timed: set[Future[Any]] = set()
-
-    def refill() -> None:
-        """Submit chunks while the window and the sizer allow."""
-        chunks: list[tuple[list[Any], int]] = []
-        while len(pending) + len(chunks) < window and sizer.may_submit(len(pending) + len(chunks) - len(timed)):
-            chunk = list(itertools.islice(items, sizer.next_size()))
-            if not chunk:
-                break
-            sizer.took(len(chunk))
-            chunks.append((chunk, position[0]))
-            position[0] += len(chunk)
-        if chunks:
-            pending.extend(submit_chunks(fn, chunks, star))
-
-    refill()
-    return _results(pending, timed, refill, sizer, end_time, abandon)
+    iterator ends early. ``finish`` is ``(track, submit_rest)``: ``track``
+    is given the map's :class:`MapFeed`, for shutdown to finish (with
+    ``submit_rest``) or cut; the feed lives as long as the iterator."""
+    track, submit_rest = finish if finish is not None else (None, None)
+    feed = MapFeed(fn, iterables, sizer, window, submit_chunks, threads, submit_rest)
+    feed.refill()
+    results = _results(feed, sizer, end_time, abandon)
+    # Only once the iterator exists: a map interrupted (Ctrl-C) while
+    # submitting its first chunks has no iterator to finish, as
+    # ProcessPoolExecutor's, interrupted while submitting, runs only what it
+    # had submitted.
+    if track is not None:
+        track(feed)
+    return results
 
 
 def _observe(sizer: ChunkSizer, future: Future[Any]) -> None:
@@ -203,13 +312,12 @@ def _observe(sizer: ChunkSizer, future: Future[Any]) -> None:
 
 
 def _results(
-    pending: collections.deque[Future[Any]],
-    timed: set[Future[Any]],
-    refill: Callable[[], None],
+    feed: MapFeed,
     sizer: ChunkSizer,
     end_time: float | None,
     abandon: Callable[[list[Future[Any]]], None],
 ) -> Iterator[Any]:
+    pending, timed, refill = feed.pending, feed.timed, feed.refill
     try:
         while pending:
             future = pending[0]
@@ -219,7 +327,8 @@ def _results(
                 # go out as soon as the first probe is back, whichever it is.
                 while not sizer.well_timed and not future.done():
                     timeout = None if end_time is None else max(0.0, end_time - time.monotonic())
-                    done, _ = wait([f for f in pending if f not in timed], timeout, FIRST_COMPLETED)
+                    done, _ = wait([f for f in feed.unyielded() if f not in timed], timeout,
+                                   FIRST_COMPLETED)
                     if not done:
                         break  # timed out: result() below says so
                     for finished in done:
@@ -250,7 +359,10 @@ def _results(
     finally:
         # Closed, dropped, timed out or failed: nobody will read the rest.
         # Chunks not yet started never run; those a worker is running finish,
-        # as running calls do in ProcessPoolExecutor.
+        # as running calls do in ProcessPoolExecutor. And shutdown has no
+        # inputs left to finish: a traceback may keep this feed alive.
+        feed.end()
         timed.clear()
-        if pending:
-            abandon(list(pending))
+        left = feed.unyielded()
+        if left:
+            abandon(left)

@@ -1,4 +1,4 @@
-"""A node of an ``srun`` cluster: ``python -m sulis_executor._node SCHEDULER [OPTIONS]``.
+"""A node of an ``srun`` cluster: ``python -m sulis_executor._node - [OPTIONS]``.
 
 The ``srun`` step runs one of these per node. It imports Dask once, then
 forks the node's agent (a Dask worker, see ``_agent``) and its pool's
@@ -12,15 +12,17 @@ hangs up on the members, which exit, and exits with the agent's status.
 SIGTERM and SIGINT (``scancel``, the executor's ``terminate_workers``) go
 on to the agent and every member; a second SIGTERM kills them.
 
-The job's secrets (TLS credentials, ``multiprocessing``'s key) come in the
-environment variable named by ``--security-env``, read once here and
-removed; the agent and the members get them in memory, through the fork.
+The scheduler's address and the job's secrets (TLS credentials,
+``multiprocessing``'s key) come as one JSON line on standard input once the
+imports are done (``srun --input=all`` forwards the launcher's to every
+node); the agent and the members get them in memory, through the fork.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import select
 import signal
@@ -40,7 +42,6 @@ def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                              "order (SLURM_NODEID picks this node's)")
     parser.add_argument("--max-tasks", type=int, default=None,
                         help="a member leaves after this many tasks (max_tasks_per_child)")
-    parser.add_argument("--security-env", default=None, metavar="VARIABLE")
     # Everything else is the agent's: ``python -m sulis_executor.worker``'s arguments.
     return parser.parse_known_args(argv)
 
@@ -54,7 +55,7 @@ def members_on_this_node(spec: str, environ: dict[str, str]) -> int:
 
 class _Node:
     def __init__(self, members: int, agent_argv: list[str], pool: str, max_tasks: int | None,
-                 secrets: dict[str, str]) -> None:
+                 secrets: dict[str, Any]) -> None:
         self.members = members
         self.agent_argv = agent_argv
         self.pool = pool
@@ -120,7 +121,8 @@ class _Node:
 
         if self.secrets.get("authkey"):
             worker.adopt_authkey(self.secrets["authkey"])
-        security = security_from(self.secrets) if "key" in self.secrets else None
+        credentials = self.secrets.get("credentials")
+        security = security_from(credentials) if credentials else None
         argv = [*self.agent_argv, "--pool", str(self.members), "--pool-socket", self.pool]
         return worker.main(argv, die_with_parent=False, security=security)
 
@@ -130,9 +132,9 @@ class _Node:
 
         if self.secrets.get("authkey"):
             worker.adopt_authkey(self.secrets["authkey"])
-        secrets = self.secrets
+        credentials = self.secrets.get("credentials")
         cluster = _pool.MemberWorker(
-            self.agent_argv[0], lambda: security_from(secrets) if "key" in secrets else None)
+            self.agent_argv[0], lambda: security_from(credentials) if credentials else None)
         return _pool.serve(self.pool, "", self.max_tasks, cluster)
 
     def _reap(self) -> tuple[int | None, Any]:
@@ -177,21 +179,18 @@ def main(argv: list[str] | None = None) -> int:
     unblock_signals()
     args, agent_argv = _parse(sys.argv[1:] if argv is None else argv)
     _die_with_parent()
-    secrets: dict[str, str] = {}
-    if args.security_env:
-        from .worker import _secrets_from_env
-
-        try:
-            secrets = _secrets_from_env(args.security_env)
-        except ValueError as error:
-            print(f"sulis_executor._node: {error}", file=sys.stderr)
-            return 2
     members = members_on_this_node(args.members_per_node, dict(os.environ))
+    # Dask first, while the launcher starts the scheduler; then its greeting.
     _import_what_workers_use()
     if not _single_threaded_after_a_fork():
         print("sulis_executor._node: threads after importing Dask; forking is unsafe",
               file=sys.stderr)
         return 1
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0  # the launcher gave up before the scheduler started
+    secrets: dict[str, Any] = json.loads(line)
+    agent_argv[0] = secrets["scheduler"]
     gc.freeze()  # keep the imports out of the children's collections (see _forkserver)
     directory = tempfile.mkdtemp(prefix="sulis-node-")  # mode 0700: this user's only
     try:

@@ -6,12 +6,14 @@ compute node, could submit code that runs as us. So a cluster the executor
 starts itself uses TLS with mutual authentication, and a key pair made for
 this job alone: a client or worker without it is refused.
 
-The key never appears on a command line or in a world-readable file: it is
-written to a file created with mode 0600 inside a directory created with mode
-0700, and the command line carries only that path. (The MPI mode broadcasts
-it instead.) An elliptic-curve key is used because it is generated in about a
-millisecond, where the 2048-bit RSA key of ``Security.temporary()`` takes
-tens of milliseconds of startup.
+The key never appears on a command line, in an environment or in a
+world-readable file. Local workers read it from a file created with mode 0600
+inside a directory created with mode 0700, whose path they read on their
+standard input; ``srun`` workers read the key itself on their standard input
+(see ``launchers.srun``); MPI ranks get it in an MPI message. An
+elliptic-curve key is used because it is generated in about a millisecond,
+where the 2048-bit RSA key of ``Security.temporary()`` takes tens of
+milliseconds of startup.
 """
 
 from __future__ import annotations
@@ -135,9 +137,8 @@ def process_authkey() -> str:
 
     ``ProcessPoolExecutor``'s workers inherit it, and a ``Manager`` proxy
     passed to a call authenticates with it: the workers we start get it
-    too, as they get the TLS credentials: in local mode in their greeting
-    (a pipe), never on a command line or in an environment; in ``srun``
-    mode in the variable that carries the credentials; in MPI mode in the
-    message that does.
+    too, as they get the TLS credentials: in local and ``srun`` mode in
+    their greeting (on standard input), never on a command line or in an
+    environment; in MPI mode in the message that carries the credentials.
     """
     return bytes(multiprocessing.current_process().authkey).hex()

@@ -22,7 +22,7 @@ from typing import Any
 
 __all__ = ["LAUNCH_MODES", "OPTIONS", "ExecutorOptions", "Option", "resolve_options"]
 
-LAUNCH_MODES = ("auto", "local", "address", "scheduler_file", "srun", "mpi")
+LAUNCH_MODES = ("auto", "local", "attach", "address", "scheduler_file", "srun", "mpi")
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}

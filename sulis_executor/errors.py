@@ -20,6 +20,9 @@ written for :class:`concurrent.futures.ProcessPoolExecutor` already catches::
     ├── TimeoutError
     │   └── ClusterStartupTimeout       workers or a scheduler did not arrive
     │                                   within ``timeout=``
+    ├── RuntimeError
+    │   └── VersionMismatchError        a worker runs another version of
+    │                                   sulis_executor than the client
     └── RemoteTraceback                 attached as ``__cause__`` of exceptions
                                         re-raised from a worker
 
@@ -42,6 +45,7 @@ __all__ = [
     "RemoteTraceback",
     "UnpicklableError",
     "UnpicklingFailedError",
+    "VersionMismatchError",
     "WorkerDiedError",
 ]
 
@@ -91,6 +95,14 @@ class UnpicklableError(pickle.PicklingError, TypeError):
 
 class ClusterStartupTimeout(TimeoutError):
     """The scheduler or the expected workers did not arrive in time."""
+
+
+class VersionMismatchError(RuntimeError):
+    """A worker runs another version of ``sulis_executor`` than this client
+    (or none), so it cannot be trusted to run the client's calls: raised by
+    the constructor, naming the worker and both versions. A scheduler the
+    executor started refuses such a worker as it registers; workers of a
+    cluster you run are checked when the executor starts."""
 
 
 class RemoteTraceback(Exception):

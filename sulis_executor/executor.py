@@ -47,6 +47,7 @@ from ._engine import Engine
 from ._map import (
     AUTO_CHUNKSIZE,
     ChunkSizer,
+    MapFeed,
     default_window,
     items_hint,
     ordered_results,
@@ -54,9 +55,11 @@ from ._map import (
 from ._quiet import silence_dask_logs
 from ._security import DeferredSecurity
 from ._signals import leave_signals_to_main_thread
+from ._versions import check_workers, raise_if_refused
 from .config import ExecutorOptions, resolve_options
 from .errors import BrokenSulisExecutor, ClusterStartupTimeout, UnpicklableError
 from .launchers import choose_launch_mode, make_launcher
+from .launchers._existing import PublishedLauncher, find_existing_cluster
 from .launchers._scheduler import in_process_scheduler
 from .launchers.base import Cluster
 
@@ -353,7 +356,12 @@ class SulisDaskExecutor(Executor):
         if _interpreter_exiting:
             # Its cluster could not start reliably now, nor would it take work.
             raise RuntimeError("cannot start a SulisDaskExecutor after interpreter shutdown has begun")
-        self._mode, reason = choose_launch_mode(self._options, os.environ)
+        # Maps still reading their inputs, which shutdown finishes (see _map).
+        self._maps: weakref.WeakSet[MapFeed] = weakref.WeakSet()
+        # A cluster this process already uses (dask_mpi.initialize(), the
+        # user's Client, Dask's config) is joined, not started again.
+        existing = find_existing_cluster(os.environ)
+        self._mode, reason = choose_launch_mode(self._options, os.environ, existing)
         logger.info("launch mode %r: %s", self._mode, reason)
         if self._options.max_tasks_per_child is not None and self._mode != "local":
             source = self._options.sources.get("max_tasks_per_child", "argument max_tasks_per_child=")
@@ -362,7 +370,7 @@ class SulisDaskExecutor(Executor):
                 f"executor can replace; in {self._mode!r} mode ({reason}) the workers are "
                 f"fixed. Unset it ({source}), or use launch='local'"
             )
-        self._launcher = make_launcher(self._mode, self._options, self._job_security())
+        self._launcher = make_launcher(self._mode, self._options, self._job_security(), existing)
         self._engine = self._start(initializer, tuple(initargs))
         self._lifetime = _Lifetime(self._engine)
         # Collected without shutdown(), the executor only lets go: its work
@@ -370,7 +378,7 @@ class SulisDaskExecutor(Executor):
         self._lifetime.hold(self)
 
     def _job_security(self) -> Any:
-        if self._mode == "local":
+        if self._mode in ("local", "srun"):
             # Made once the workers are on their way (see DeferredSecurity).
             return DeferredSecurity(lambda: job_security(self._mode, self._options))
         return job_security(self._mode, self._options)
@@ -401,6 +409,7 @@ class SulisDaskExecutor(Executor):
             self._launcher.close(timeout=10)
             raise
         token = uuid.uuid4().hex
+        launcher: Any = self._launcher
         try:
             if initializer is not None:
                 client.register_plugin(
@@ -409,7 +418,10 @@ class SulisDaskExecutor(Executor):
                 )
             if cluster.min_workers:
                 self._wait_for_workers(client, cluster, deadline)
-            engine = Engine(client, self._launcher, token, initializer is not None,
+            self._check_versions(client, cluster, deadline)
+            # While open, Dask's config names this cluster: Client() joins it.
+            launcher = PublishedLauncher(self._launcher, client)
+            engine = Engine(client, launcher, token, initializer is not None,
                             cluster.workers_reachable, cluster.shared_directory,
                             one_call_per_task=self._options.max_tasks_per_child is not None,
                             scheduler=in_process_scheduler(cluster.target))
@@ -421,7 +433,7 @@ class SulisDaskExecutor(Executor):
                 raise
         except BaseException:
             client.close()
-            self._launcher.close(timeout=10)
+            launcher.close(timeout=10)
             raise
         logger.info(
             "%s ready: %d workers in %.2f s",
@@ -454,6 +466,7 @@ class SulisDaskExecutor(Executor):
         try:
             if scheduler is not None and hasattr(scheduler, "workers"):
                 while len(scheduler.workers) < count:
+                    raise_if_refused(scheduler)  # a worker of another version
                     if time.monotonic() > deadline:
                         raise TimeoutError
                     time.sleep(0.005)
@@ -465,6 +478,24 @@ class SulisDaskExecutor(Executor):
                 f"only {arrived} of {count} workers of {cluster.description} arrived before the "
                 f"timeout; check the workers' output for errors, that they can reach the "
                 f"scheduler on the chosen interface, or raise timeout="
+            ) from None
+
+    @staticmethod
+    def _check_versions(client: Any, cluster: Cluster, deadline: float) -> None:
+        """Raise ``VersionMismatchError`` if a worker runs another version:
+        one our scheduler refused, or one of a cluster someone else runs."""
+        scheduler = in_process_scheduler(cluster.target)
+        if scheduler is not None:
+            raise_if_refused(scheduler)
+            return
+        timeout = max(1.0, deadline - time.monotonic())
+        try:
+            check_workers(client, timeout)
+        except TimeoutError:
+            raise ClusterStartupTimeout(
+                f"the workers of {cluster.description} did not say which version of "
+                f"sulis_executor they run within {timeout:g} s; check that they are "
+                "responsive, or raise timeout="
             ) from None
 
     def __reduce__(self) -> Any:
@@ -560,10 +591,20 @@ class SulisDaskExecutor(Executor):
         total = items_hint(iterables)
         sizer = ChunkSizer(fixed, lambda: engine.threads, total)
         window = buffersize if buffersize is not None else default_window(engine.threads, fixed)
+
+        def submit_rest(fn: Callable[..., Any], chunks: list[tuple[list[Any], int]],
+                        star: bool) -> list[Future[Any]]:
+            # Shutdown finishing the map: as ProcessPoolExecutor's map, it
+            # submits every call, even once new work is refused.
+            return engine.submit_chunks(fn, chunks, star, timing)
+
+        # A map given buffersize submits only as it is read, as CPython's: not finished.
+        finish = None if buffersize is not None else (self._maps.add, submit_rest)
         hold = _Hold(lifetime)  # until the iterator ends, or is dropped
         try:
             results = _released_at_end(
-                ordered_results(fn, iterables, sizer, window, submit_chunks, end_time, engine.abandon_chunks),
+                ordered_results(fn, iterables, sizer, window, submit_chunks, end_time,
+                                engine.abandon_chunks, lambda: engine.threads, finish),
                 hold,
             )
         except BaseException:
@@ -576,8 +617,18 @@ class SulisDaskExecutor(Executor):
         return results
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        # Maps still reading their inputs are finished, as ProcessPoolExecutor's
+        # (which submit everything at once) would be, or cut (see _map).
+        maps = list(self._maps)
+        for feed in maps:
+            feed.stop_refilling()
         with self._lifetime.lock:
             self._lifetime.shut_down = True
+        for feed in maps:
+            if cancel_futures or self._engine.broken is not None:
+                feed.cut()
+            else:
+                feed.drain()
         if cancel_futures:
             self._engine.cancel_queued()
         if wait:
@@ -588,6 +639,15 @@ class SulisDaskExecutor(Executor):
             self._lifetime.close_when_idle()
 
     shutdown.__doc__ = Executor.shutdown.__doc__
+
+    def __exit__(self, exc_type: Any, exc_val: Any, exc_tb: Any) -> bool | None:
+        if exc_type is not None:
+            # An exception (Ctrl-C too) leaves the with block: the code after
+            # it, which could read a map's results, does not run, so no map is
+            # finished (see _map); what was submitted still runs.
+            for feed in list(self._maps):
+                feed.cut()
+        return super().__exit__(exc_type, exc_val, exc_tb)
 
     def terminate_workers(self) -> None:
         """Terminate every worker process now (SIGTERM; SIGKILL for those

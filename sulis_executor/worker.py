@@ -148,7 +148,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("scheduler", help="scheduler address, e.g. tls://10.0.0.1:40123; '-' to "
                         "import Dask first, then read the address from standard input (a JSON "
-                        "line with 'scheduler' and, optionally, 'security_file' and 'authkey')")
+                        "line with 'scheduler' and, optionally, the TLS credentials as "
+                        "'credentials' (key and cert) or 'security_file', and 'authkey')")
     parser.add_argument("--name", default=None,
                         help="worker name shown by the scheduler; may use {procid}, {localid}, "
                              "{nodeid}, {node}, {jobid}, {stepid}, {rank}, {pid}")
@@ -161,11 +162,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds to keep trying to reach the scheduler before giving up")
     parser.add_argument("--security-file", default=None,
                         help="the job's TLS credentials (a mode-0600 file written by the executor)")
-    parser.add_argument("--security-env", default=None, metavar="VARIABLE",
-                        help="environment variable holding the job's TLS credentials and the "
-                             "client's multiprocessing authkey as JSON (for workers on other "
-                             "nodes, which cannot read a node-local file); removed from the "
-                             "environment once read")
     parser.add_argument("--parent-pid", type=int, default=None,
                         help="the launcher's pid: exit at once if it is no longer our parent")
     parser.add_argument("--pool", type=int, default=0, metavar="N",
@@ -181,25 +177,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="a member leaves after this many tasks (max_tasks_per_child)")
     parser.add_argument("--verbose", action="store_true", help="let Dask's logs through")
     parser.add_argument("--profile", action="store_true",
-                        help="run Dask's statistical profiler (the dashboard's Profile page)")
+                        help="the dashboard is on: run Dask's statistical profiler (its Profile "
+                             "page) and serve Dask's HTTP routes, not /health alone")
+    parser.set_defaults(credentials=None)  # only ever from the greeting (see _read_greeting)
     return parser.parse_args(argv)
-
-
-def _secrets_from_env(variable: str) -> dict[str, str]:
-    """The job's secrets from ``variable``: TLS credentials (``key``,
-    ``cert``) if the cluster uses TLS, and the client's ``authkey``."""
-    import json
-
-    text = os.environ.pop(variable, None)  # tasks' children need not see it
-    if not text:
-        raise ValueError(f"--security-env {variable}: that variable is not set; the launcher "
-                         "that started this worker must pass the job's credentials in it")
-    try:
-        secrets: dict[str, str] = json.loads(text)
-    except ValueError:
-        raise ValueError(f"--security-env {variable}: the variable does not hold JSON "
-                         "credentials") from None
-    return secrets
 
 
 #: Seconds between the batched sends of a worker's messages to the scheduler.
@@ -223,8 +204,19 @@ def quiet_worker_config(profile: bool) -> dict[str, Any]:
     return {"distributed.worker.profile.enabled": False, **NO_STALL_CHECK}
 
 
+def http_config(dashboard: bool) -> dict[str, Any]:
+    """What the worker's plain-HTTP server serves: ``/health`` alone, unless
+    the dashboard is on (see ``launchers._network``)."""
+    if dashboard:
+        return {}
+    from .launchers._network import HEALTH_ROUTES
+
+    return {"distributed.worker.http.routes": list(HEALTH_ROUTES)}
+
+
 def _read_greeting(args: argparse.Namespace) -> bool:
-    """Read the scheduler address (and credentials file) from the
+    """Read the scheduler address, and the job's secrets (the TLS
+    credentials or the path of their file, multiprocessing's key), from the
     launcher's JSON line on standard input. ``False`` if the input ends
     first."""
     import json
@@ -235,6 +227,8 @@ def _read_greeting(args: argparse.Namespace) -> bool:
     greeting = json.loads(line)
     args.scheduler = greeting["scheduler"]
     args.security_file = greeting.get("security_file") or args.security_file
+    # Inline (srun mode: no file every node could read); held in memory only.
+    args.credentials = greeting.get("credentials")
     args.remove_when_orphaned = greeting.get("remove_when_orphaned") or []
     if greeting.get("authkey"):
         adopt_authkey(greeting["authkey"])
@@ -257,16 +251,16 @@ def adopt_authkey(hex_key: str) -> None:
 async def _run(args: argparse.Namespace, security: Any, parentage: Parentage) -> None:
     import dask.config
     from distributed import Worker
-    from distributed.utils import get_ip_interface
 
-    # The worker's HTTP endpoint (/health, metrics) listens only where its
-    # comms do, on a random port, never on every interface.
-    http_host = args.host or (get_ip_interface(args.interface) if args.interface else "127.0.0.1")
+    from ._versions import worker_startup_information
+    from .launchers._network import HTTP_HOST
+
     memory_limit: str | int = int(args.memory_limit) if args.memory_limit.isdigit() else args.memory_limit
-    if security is None and args.security_file:
+    if security is None and (args.security_file or args.credentials):
         from ._security import read_credentials_file, security_from
 
-        security = security_from(read_credentials_file(args.security_file))
+        credentials = args.credentials or read_credentials_file(args.security_file)
+        security = security_from(credentials)
     pool_options: dict[str, Any] = {}
     pool = agent = None
     if args.pool:
@@ -280,7 +274,9 @@ async def _run(args: argparse.Namespace, security: Any, parentage: Parentage) ->
         # The executor's own tasks (see _agent) run in the pool's members;
         # other Dask tasks in the agent's threads, as on any Dask worker.
         pool_options = {"executor": {POOL_EXECUTOR: PoolExecutor(pool)}}
-    with dask.config.set(quiet_worker_config(args.profile or args.verbose)):
+    # The config holds while the worker starts (its HTTP routes are read then).
+    with dask.config.set({**quiet_worker_config(args.profile or args.verbose),
+                          **http_config(args.profile)}):
         worker = Worker(
             args.scheduler,
             security=security,
@@ -291,22 +287,31 @@ async def _run(args: argparse.Namespace, security: Any, parentage: Parentage) ->
             interface=args.interface,
             local_directory=args.local_directory,
             dashboard=False,
-            dashboard_address=f"{http_host}:0",
+            # Its plain-HTTP server: loopback, random port, whatever the
+            # comms bind (see launchers._network).
+            dashboard_address=f"{HTTP_HOST}:0",
             death_timeout=args.death_timeout,
+            # Our version, which the scheduler checks (see _versions).
+            startup_information=worker_startup_information(),
             **pool_options,
         )
-    worker._sulis_pool = pool  # type: ignore[attr-defined]  # for _remote.InitializerPlugin.setup
-    # Dask batches the worker's messages to the scheduler every 2 ms; a
-    # finished task's report is most of what the executor waits on between
-    # one batch and the next, so send after 1 ms (see launchers._scheduler).
-    worker.batched_stream.interval = STREAM_INTERVAL
-    loop = asyncio.get_running_loop()
-    if threading.current_thread() is threading.main_thread():
-        # (An MPI rank runs its node's agent in a thread: signals are its own.)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, _on_signal, worker, args, parentage)
+        worker._sulis_pool = pool  # type: ignore[attr-defined]  # for _remote.InitializerPlugin.setup
+        # Dask batches the worker's messages to the scheduler every 2 ms; a
+        # finished task's report is most of what the executor waits on between
+        # one batch and the next, so send after 1 ms (see launchers._scheduler).
+        worker.batched_stream.interval = STREAM_INTERVAL
+        loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            # (An MPI rank runs its node's agent in a thread: signals are its own.)
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, _on_signal, worker, args, parentage)
+        try:
+            await worker
+        except BaseException:
+            if pool is not None:
+                pool.close()
+            raise
     try:
-        await worker
         if pool is not None:
             agent = Agent(worker, pool)
             agent.start()
@@ -345,14 +350,6 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
             from .launchers._network import validate_interface
 
             validate_interface(args.interface)
-        if args.security_env:
-            secrets = _secrets_from_env(args.security_env)
-            if secrets.get("authkey"):
-                adopt_authkey(secrets["authkey"])
-            if security is None and "key" in secrets:
-                from ._security import security_from
-
-                security = security_from(secrets)
     except ValueError as error:
         print(f"sulis_executor.worker: {error}", file=sys.stderr)
         return 2
@@ -364,10 +361,10 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
         from . import _pool
 
         def member_security() -> Any:
-            if security is None and args.security_file:
+            if security is None and (args.credentials or args.security_file):
                 from ._security import read_credentials_file, security_from
 
-                return security_from(read_credentials_file(args.security_file))
+                return security_from(args.credentials or read_credentials_file(args.security_file))
             return security
 
         try:
@@ -402,12 +399,23 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
             raise
         # One line, no traceback: enough for a launcher's error message
         # (the srun mode shows the step's stderr tail) to say what went wrong.
-        print(f"sulis_executor.worker {args.name or ''}: {type(error).__name__}: {error}",
+        print(f"sulis_executor.worker {args.name or ''}: {_one_line(error)}",
               file=sys.stderr, flush=True)
         return 1
     finally:
         _clean_up_if_orphaned(args, parentage)
     return 0
+
+
+def _one_line(error: BaseException) -> str:
+    """``error`` and its causes: Dask's "Worker failed to start" says why
+    only in its cause (e.g. the scheduler refused it: see ``_versions``)."""
+    parts: list[str] = []
+    seen: BaseException | None = error
+    while seen is not None and len(parts) < 4:
+        parts.append(f"{type(seen).__name__}: {seen}")
+        seen = seen.__cause__
+    return "; caused by ".join(parts)
 
 
 def _on_signal(worker: Any, args: argparse.Namespace, parentage: Parentage) -> None:

@@ -86,3 +86,90 @@ def test_unknown_length_input_is_sized_by_time_alone(per_call: float) -> None:
     sizer = probed(None, 4, per_call)
     expected = max(1, min(int(TARGET_CHUNK_SECONDS / per_call), 200_000))
     assert [sizer.next_size() for _ in range(3)] == [expected] * 3
+
+
+# -- a map the executor shuts down under (sulis_executor._map.MapFeed) --------
+
+
+def run_now(fn, chunks, star):
+    """Stands in for the engine: runs each chunk at once, as a finished future."""
+    from concurrent.futures import Future
+
+    done = []
+    for chunk, _first in chunks:
+        future: Future = Future()
+        future.set_result((([fn(*item) if star else fn(item) for item in chunk], None), 0.001))
+        done.append(future)
+    return done
+
+
+def opened_map(n: int, chunksize: int | None, window: int = 4):
+    """A map of ``square`` over ``range(n)`` and its feed, with its first
+    window submitted, as ``SulisDaskExecutor.map`` makes them."""
+    from sulis_executor._map import ordered_results
+
+    feeds: list = []
+    submitted: list[int] = []
+
+    def submit(fn, chunks, star):
+        submitted.extend(len(chunk) for chunk, _ in chunks)
+        return run_now(fn, chunks, star)
+
+    results = ordered_results(lambda x: x * x, (range(n),), ChunkSizer(chunksize, lambda: 2, n),
+                              window, submit, None, lambda futures: None, lambda: 2,
+                              (feeds.append, submit))
+    return results, feeds[0], submitted
+
+
+def test_shutdown_finishes_a_map_submitting_every_input_left_in_chunks_for_each_thread() -> None:
+    results, feed, submitted = opened_map(1000, None)
+    assert sum(submitted) == 4  # one-item probes only, so far
+    feed.stop_refilling()
+    feed.drain()
+    # Untimed: the 996 left go as two chunks per worker thread, at once.
+    assert submitted[4:] == [249, 249, 249, 249]
+    assert list(results) == [x * x for x in range(1000)]
+
+
+def test_a_map_cut_by_shutdown_yields_what_was_submitted_then_raises_cancelled_error() -> None:
+    from concurrent.futures import CancelledError
+
+    results, feed, submitted = opened_map(100, 5)
+    feed.stop_refilling()
+    feed.cut()
+    assert [next(results) for _ in range(20)] == [x * x for x in range(20)]  # 4 chunks of 5
+    with pytest.raises(CancelledError):
+        next(results)
+
+
+def test_a_map_cut_with_no_input_left_ends_as_usual() -> None:
+    results, feed, _ = opened_map(20, 5)
+    feed.cut()
+    assert list(results) == [x * x for x in range(20)]
+
+
+def test_a_map_whose_iterator_has_ended_has_nothing_left_to_finish() -> None:
+    # Ctrl-C in a map inside "with executor": the iterator fails, but the
+    # traceback keeps its feed alive while __exit__ shuts the executor down.
+    results, feed, submitted = opened_map(1000, 5)
+    next(results)
+    results.close()
+    read = sum(submitted)
+    feed.drain()
+    assert sum(submitted) == read < 1000
+
+
+def test_a_map_interrupted_while_submitting_its_first_chunks_is_not_finished_at_shutdown() -> None:
+    # Ctrl-C in map() itself: there is no iterator to read the rest, and
+    # ProcessPoolExecutor, interrupted while submitting, runs only what it had.
+    from sulis_executor._map import ordered_results
+
+    def interrupted(fn, chunks, star):
+        raise KeyboardInterrupt
+
+    feeds: list = []
+    with pytest.raises(KeyboardInterrupt):
+        ordered_results(lambda x: x, (range(1000),), ChunkSizer(5, lambda: 2, 1000), 4,
+                        interrupted, None, lambda futures: None, lambda: 2,
+                        (feeds.append, interrupted))
+    assert feeds == []

@@ -300,3 +300,13 @@ def test_help(command: tuple[str, ...]) -> None:
 def test_no_command_is_a_usage_error() -> None:
     result = cli()
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_info_says_a_scheduler_named_by_dask_config_is_joined() -> None:
+    info = json.loads(cli("info", "--json",
+                          extra_env={"DASK_SCHEDULER_ADDRESS": "tcp://10.1.1.1:8786"}).stdout)
+    assert info["mode"] == "attach"
+    assert "scheduler-address=tcp://10.1.1.1:8786" in info["reason"]
+    assert "tcp://10.1.1.1:8786" in info["cluster"]
+    assert info["problems"] == []

@@ -425,6 +425,31 @@ def test_shutdown_cancel_futures_cancels_the_pending_futures(executor, make_gate
         assert all(f.cancelled() for f in fs)
 
 
+@pytest.mark.parametrize("wait", [True, False])
+def test_map_results_can_be_read_after_shutdown(executor, wait):
+    # The Sulis page's concurrent.futures example prints its map's results
+    # after the with block. Far more items than the executor's window.
+    results = executor.map(h.square, range(3000))
+    executor.shutdown(wait=wait)
+    assert list(results) == [x * x for x in range(3000)]
+    with pytest.raises(RuntimeError, match="after shutdown"):
+        executor.map(h.square, [1])
+
+
+def test_map_cut_by_shutdown_with_cancel_futures_raises_cancelled_error(executor, make_gate):
+    gates = occupy_workers(executor, make_gate)
+    results = executor.map(h.square, range(3000))
+    executor.shutdown(wait=False, cancel_futures=True)
+    for g in gates:
+        g.release()
+    read = []
+    with pytest.raises(futures.CancelledError):
+        for value in results:
+            read.append(value)
+    assert read == [x * x for x in range(len(read))]
+    assert len(read) < 3000
+
+
 # -- future states -----------------------------------------------------------
 
 
@@ -905,6 +930,20 @@ def test_closing_a_buffered_map_of_an_infinite_iterator_lets_shutdown_finish(buf
 
 def scheduler_task_count(ex) -> int:
     return ex.client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+
+
+def test_an_exception_leaving_the_with_block_does_not_finish_a_map(tmp_path):
+    # ProcessPoolExecutor submits a map's every call at once, and
+    # waits for them all. Here the code after the block, which could read the
+    # rest, does not run; what was submitted runs.
+    paths = [str(tmp_path / f"call{i}") for i in range(2000)]
+    with pytest.raises(RuntimeError, match="stop"):
+        with SulisDaskExecutor(max_workers=2) as ex:
+            results = ex.map(h.record, paths)
+            next(results)
+            raise RuntimeError("stop")
+    ran = sum(os.path.exists(p) for p in paths)
+    assert 1 <= ran < 2000
 
 
 def test_cluster_forgets_tasks_once_their_futures_are_settled(shared_executor, make_gate, gate_dir):

@@ -181,6 +181,7 @@ def test_srun_command_covers_the_allocation() -> None:
     assert "--ntasks=3" in command and "--nodes=3" in command and "--ntasks-per-node=1" in command
     assert "--cpus-per-task=4" in command
     assert "--overlap" in command and "--kill-on-bad-exit=0" in command
+    assert "--input=all" in command  # the greeting, secrets included, reaches every task
     assert command[-3:] == ["python", "-m", "w"]
 
 
@@ -257,17 +258,19 @@ def test_worker_waiting_for_its_scheduler_address_exits_quietly_when_input_ends(
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
 
 
-def _authkey_and_variable(variable: str) -> tuple[str, str | None]:
+def _authkey() -> str:
     import multiprocessing
 
-    return bytes(multiprocessing.current_process().authkey).hex(), os.environ.get(variable)
+    return bytes(multiprocessing.current_process().authkey).hex()
 
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("tls", [True, False])
-def test_worker_takes_the_job_secrets_from_its_variable_and_removes_it(tls: bool) -> None:
+def test_worker_takes_the_job_secrets_from_its_greeting_not_its_environment(tls: bool) -> None:
     """How ``srun`` workers get the TLS credentials (if any) and the client's
-    ``multiprocessing`` key, which ``Manager`` proxies authenticate with."""
+    ``multiprocessing`` key, which ``Manager`` proxies authenticate with: in
+    the JSON line on their standard input, which leaves no copy in
+    ``/proc/PID/environ``."""
     from distributed import Client, LocalCluster
 
     from sulis_executor._security import generate_credentials, security_from
@@ -275,22 +278,31 @@ def test_worker_takes_the_job_secrets_from_its_variable_and_removes_it(tls: bool
     credentials = generate_credentials() if tls else {}
     security = security_from(credentials) if tls else None
     authkey = os.urandom(32).hex()  # not this process's: the worker must take it
+    greeting = {"scheduler": "", "authkey": authkey}
+    if tls:
+        greeting["credentials"] = credentials
     with LocalCluster(n_workers=0, host="127.0.0.1", scheduler_port=0, dashboard_address="127.0.0.1:0",
                       security=security, protocol="tls://" if tls else "tcp://") as cluster, \
             Client(cluster, security=security) as client:
+        greeting["scheduler"] = cluster.scheduler_address
         worker = subprocess.Popen(
-            [sys.executable, "-m", "sulis_executor.worker", cluster.scheduler_address,
-             "--host", "127.0.0.1", "--security-env", "SULIS_TEST_SECRETS"],
-            env={**os.environ, "SULIS_TEST_SECRETS": json.dumps({**credentials, "authkey": authkey})},
+            [sys.executable, "-m", "sulis_executor.worker", "-", "--host", "127.0.0.1"],
+            stdin=subprocess.PIPE,
         )
         try:
+            assert worker.stdin is not None
+            worker.stdin.write(json.dumps(greeting).encode() + b"\n")
+            worker.stdin.close()
             client.wait_for_workers(1, timeout=60)
-            [(key, variable)] = client.run(_authkey_and_variable, "SULIS_TEST_SECRETS").values()
+            [key] = client.run(_authkey).values()
+            environ = Path(f"/proc/{worker.pid}/environ").read_bytes()
         finally:
             worker.kill()
             worker.wait()
     assert key == authkey
-    assert variable is None, "the secrets stay in the worker's environment, for its tasks to see"
+    assert authkey.encode() not in environ
+    key_lines = [line for line in credentials.get("key", "").splitlines() if not line.startswith("-----")]
+    assert not any(line.encode() in environ for line in key_lines)
 
 
 # -- scheduler file --------------------------------------------------------------

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from ..config import LAUNCH_MODES, ExecutorOptions
 from ..slurm import SlurmAllocation
 from .base import Cluster, Launcher
+
+if TYPE_CHECKING:
+    from ._existing import ExistingCluster
 
 __all__ = ["Cluster", "Launcher", "choose_launch_mode", "make_launcher", "mpi_world_size"]
 
@@ -20,6 +24,7 @@ __all__ = ["Cluster", "Launcher", "choose_launch_mode", "make_launcher", "mpi_wo
 # e.g. mpi4py is never imported unless the MPI mode is used.
 _LAUNCHERS = {
     "local": "local:LocalLauncher",
+    "attach": "attach:AttachLauncher",
     "address": "address:AddressLauncher",
     "scheduler_file": "scheduler_file:SchedulerFileLauncher",
     "srun": "srun:SrunLauncher",
@@ -49,13 +54,17 @@ def mpi_world_size(environ: Mapping[str, str]) -> tuple[int, str] | None:
     return None
 
 
-def choose_launch_mode(options: ExecutorOptions, environ: Mapping[str, str]) -> tuple[str, str]:
+def choose_launch_mode(options: ExecutorOptions, environ: Mapping[str, str],
+                       existing: ExistingCluster | None = None) -> tuple[str, str]:
     """Return ``(mode, reason)`` for these options and this environment.
 
     In order: an explicit ``launch=``, ``address=`` or ``scheduler_file=``;
-    an MPI world of more than one process (``mpi``); a SLURM allocation seen
-    from outside any step, i.e. the batch script or an ``salloc`` shell
-    (``srun``); otherwise ``local``.
+    a cluster this process already uses (``existing``, from
+    ``_existing.find_existing_cluster``: dask-mpi's, the user's default
+    client's, or one Dask's config names; ``attach``); an MPI world of more
+    than one process (``mpi``); a SLURM allocation seen from outside any
+    step, i.e. the batch script or an ``salloc`` shell (``srun``); otherwise
+    ``local``.
     """
     if options.launch != "auto":
         return options.launch, f"launch={options.launch!r} was given ({options.sources.get('launch', 'argument')})"
@@ -65,6 +74,8 @@ def choose_launch_mode(options: ExecutorOptions, environ: Mapping[str, str]) -> 
         return "scheduler_file", (
             f"a scheduler file was given ({options.sources.get('scheduler_file', 'argument')})"
         )
+    if existing is not None:
+        return "attach", existing.reason
     world = mpi_world_size(environ)
     if world is not None and world[0] > 1:
         size, evidence = world
@@ -93,12 +104,15 @@ def choose_launch_mode(options: ExecutorOptions, environ: Mapping[str, str]) -> 
     )
 
 
-def make_launcher(mode: str, options: ExecutorOptions, security: object = None) -> Launcher:
+def make_launcher(mode: str, options: ExecutorOptions, security: object = None,
+                  existing: ExistingCluster | None = None) -> Launcher:
+    """The launcher for ``mode``; ``existing`` is the cluster ``attach`` joins."""
     if mode not in LAUNCH_MODES or mode == "auto":
         raise ValueError(f"unknown launch mode {mode!r}; expected one of {', '.join(LAUNCH_MODES)}")
     if mode not in _LAUNCHERS:
         raise NotImplementedError(f"launch={mode!r} is not available in this version")
     module_name, class_name = _LAUNCHERS[mode].split(":")
     module = importlib.import_module(f"{__name__}.{module_name}")
-    launcher: Launcher = getattr(module, class_name)(options, security)
+    extra = {"existing": existing} if mode == "attach" else {}
+    launcher: Launcher = getattr(module, class_name)(options, security, **extra)
     return launcher

@@ -4,13 +4,27 @@ On a cluster the scheduler must listen where workers on other nodes can
 reach it, and on Sulis that is usually a named interface (``ib0``). A typo in
 that name would otherwise surface much later as workers that never arrive,
 so it is checked up front, listing the interfaces this node really has.
+
+Only the comms listen there, with TLS. Dask also gives the scheduler and
+every worker a plain-HTTP server, without authentication; unless the
+dashboard is asked for, it listens on loopback only and serves ``/health``
+alone (:data:`HTTP_HOST`, :data:`HEALTH_ROUTES`), not Dask's info pages
+(worker logs, call stacks), JSON and Prometheus metrics.
 """
 
 from __future__ import annotations
 
 import socket
 
-__all__ = ["interface_addresses", "scheduler_host", "validate_interface"]
+__all__ = ["HEALTH_ROUTES", "HTTP_HOST", "interface_addresses", "scheduler_host",
+           "validate_interface"]
+
+#: Where the HTTP servers of the scheduler (dashboard off) and of the workers
+#: listen, whatever address the comms bind: nothing on another node needs
+#: them, and on the cluster network they would be open to anyone.
+HTTP_HOST = "127.0.0.1"
+#: What those servers serve, for Dask's ``distributed.*.http.routes``.
+HEALTH_ROUTES = ("distributed.http.health",)
 
 
 def interface_addresses() -> dict[str, list[str]]:

@@ -17,9 +17,13 @@ mpi), so they agree on the details that matter:
 * The nodes' agents (see ``_agent``) report to it on their streams, and
   the executor's engine in this process (``Feeder``) answers with batches
   on the same streams; a worker that leaves gives back what its node held.
-* TLS when a ``Security`` is given, random ports only, and the HTTP
-  endpoint (``/health``, and the dashboard when asked for) bound to the
-  scheduler's own host, never to Dask's shared port 8787.
+* Workers running another version of this package are refused as they
+  register (see ``_versions``).
+* TLS when a ``Security`` is given, and random ports only. Dask's HTTP
+  server, plain and unauthenticated, serves ``/health`` alone on loopback
+  unless the dashboard is asked for (see ``_network.HTTP_HOST``), whatever
+  address the comms bind; the dashboard binds the scheduler's own host (or
+  what is asked for), never Dask's shared port 8787 on every interface.
 """
 
 from __future__ import annotations
@@ -154,23 +158,29 @@ def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -
     (or ``options.interface`` when ``host`` is ``None``)."""
     from distributed import LocalCluster
 
+    from .._versions import version_gate
+    from ._network import HEALTH_ROUTES, HTTP_HOST
+
     bind: dict[str, Any] = {"host": host} if host else {"interface": options.interface}
-    http_host = host or "127.0.0.1"
+    http: dict[str, Any] = {}
     if options.dashboard:
         # ":port" alone would bind every interface; keep it on our host.
         dashboard = options.dashboard
         if dashboard.startswith(":"):
-            dashboard = f"{http_host}{dashboard}"
+            dashboard = f"{host or HTTP_HOST}{dashboard}"
         scheduler_kwargs: dict[str, Any] = {}
     else:
+        # Not on the comms' address: nobody else needs it (see _network).
         dashboard = None
-        scheduler_kwargs = {"dashboard_address": f"{http_host}:0"}
-    scheduler_kwargs["plugins"] = [_executor_streams()]
+        scheduler_kwargs = {"dashboard_address": f"{HTTP_HOST}:0"}
+        http = {"distributed.scheduler.http.routes": list(HEALTH_ROUTES)}
+    scheduler_kwargs["plugins"] = [_executor_streams(), version_gate()]
     quiet = {} if options.verbose else NO_STALL_CHECK
     # Its event loop's thread, and the threads that loop starts, leave
     # signals to our main thread; starting it takes about 10 ms.
     with leave_signals_to_main_thread(), dask.config.set({
         **quiet,
+        **http,
         "distributed.scheduler.worker-saturation": 1.0,
         # The active memory manager drops "extra" replicas every 2 s, which
         # would make workers fetch a shared input (see _shared) again and

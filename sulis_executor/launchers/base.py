@@ -52,6 +52,9 @@ class Launcher(abc.ABC):
     def close(self, timeout: float) -> None:
         """Stop what :meth:`start` started; safe to call more than once."""
 
+    def ready(self, client: Any) -> None:  # noqa: B027 - most launchers need nothing here
+        """The executor's ``client`` is connected and has its workers."""
+
     def signal_workers(self, signum: int) -> bool:
         """Send ``signum`` to every worker process this launcher started, and
         start no new ones. ``False`` when it started none it may signal:

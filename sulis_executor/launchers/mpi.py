@@ -150,14 +150,23 @@ class MpiLauncher(Launcher):
         deadline = time.monotonic() + timeout
         while not comm.iprobe(source=0, tag=ADDRESS_TAG):
             if time.monotonic() > deadline:
-                return {"error": (
-                    f"MPI rank {self.rank} waited {timeout:g} s for rank 0 to send the "
-                    "scheduler address; rank 0 must construct SulisDaskExecutor at the same "
-                    "point as the other ranks (check its output for errors, or raise timeout=)"
-                )}
+                return {"error": self._no_address_error(timeout)}
             time.sleep(POLL_INTERVAL)
         message: dict[str, Any] = comm.recv(source=0, tag=ADDRESS_TAG)
         return message
+
+    def _no_address_error(self, timeout: float) -> str:
+        waited = (f"MPI rank {self.rank} waited {timeout:g} s for rank 0 to send the scheduler "
+                  "address, and none came")
+        if "dask_mpi" in sys.modules:
+            # Its initialize() keeps rank 0 as the scheduler, which never gets here.
+            return (f"{waited}: dask_mpi.initialize() ran, so rank 0 runs dask-mpi's scheduler "
+                    "and never constructs SulisDaskExecutor. Leave launch= at 'auto' (or use "
+                    "launch='attach') to join dask-mpi's cluster, or drop initialize() and let "
+                    "the executor use every rank")
+        return (f"{waited}: rank 0 has not constructed SulisDaskExecutor (in the MPI mode every "
+                "rank must, at the same point): check rank 0's output for an error before it, "
+                "or raise timeout= if it is only slow to get there")
 
     def _agent_argv(self, address: str) -> list[str]:
         return [

@@ -57,10 +57,6 @@ from .base import Cluster, Launcher
 
 logger = logging.getLogger("sulis_executor")
 
-#: The environment variable that carries the TLS credentials (if any) and
-#: multiprocessing's key to the workers.
-CREDENTIALS_VARIABLE = "SULIS_WORKER_CREDENTIALS"
-
 #: Lines of the step's stderr kept for error messages.
 STDERR_TAIL = 30
 
@@ -98,8 +94,9 @@ def srun_command(
         # One dead worker must not end the others; the executor copes.
         "--kill-on-bad-exit=0",
         "--export=ALL",
-        # srun would forward our stdin to task 0; workers read nothing.
-        "--input=none",
+        # What we write to srun's standard input reaches every task's: the
+        # scheduler's address and the job's secrets (see SrunLauncher.start).
+        "--input=all",
         *node_argv,
     ]
 
@@ -219,9 +216,10 @@ class SrunLauncher(Launcher):
 
     # -- start ------------------------------------------------------------
 
-    def _node_argv(self, address: str) -> list[str]:
+    def _node_argv(self) -> list[str]:
         argv = [
-            sys.executable, "-m", "sulis_executor._node", address,
+            # "-": the scheduler's address, and the secrets, on standard input.
+            sys.executable, "-m", "sulis_executor._node", "-",
             "--name", "srun-{node}",
             # Without the scheduler, a worker gives up after this long
             # rather than lingering in the allocation.
@@ -234,30 +232,18 @@ class SrunLauncher(Launcher):
         return argv
 
     def start(self, timeout: float) -> Cluster:
+        from .._security import resolve_security
         from ._scheduler import start_scheduler
 
         deadline = time.monotonic() + timeout
         options = self._options
+        host = scheduler_host(options.interface)  # a bad interface fails before any step
         self._install_sigterm_handler()
         _open_launchers.add(self)
-        self._cluster = start_scheduler(options, self._security, scheduler_host(options.interface))
-        address = self._cluster.scheduler_address
-        argv = self._node_argv(address)
-        env = pythonpath_env()
-        # Workers on other nodes cannot read a node-local file, and srun
-        # gives them no standard input of ours, so the job's secrets (the
-        # TLS credentials, and multiprocessing's key for Manager proxies)
-        # travel in the step's environment, which SLURM hands only to our
-        # own tasks (and which is private to our user, as a mode-0600 file
-        # would be); each worker removes the variable once read.
-        from .._security import credentials_of, process_authkey
-
-        secrets = {"authkey": process_authkey()}
-        if self._security is not None:
-            secrets.update(credentials_of(self._security))
-        env[CREDENTIALS_VARIABLE] = json.dumps(secrets)
-        argv += ["--security-env", CREDENTIALS_VARIABLE]
-        command = srun_command(self.allocation, self.step_name, argv)
+        # Workers first: launching the step and importing Dask on every node
+        # is most of the start-up time, so it happens while the scheduler
+        # starts; the nodes then read its address from their standard input.
+        command = srun_command(self.allocation, self.step_name, self._node_argv())
         if len(set(self.allocation.tasks_per_node)) > 1:
             logger.warning("the nodes of this allocation have %s tasks: each node's task gets "
                            "%d CPUs, the smallest node's", "/".join(map(str, self.allocation.tasks_per_node)),
@@ -266,9 +252,9 @@ class SrunLauncher(Launcher):
                     len(self.allocation.nodes), " ".join(command))
         self._proc = subprocess.Popen(
             command,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=env,
+            env=pythonpath_env(),
             # Its own process group: a Ctrl-C meant for the script reaches
             # srun only through close(), not twice.
             start_new_session=True,
@@ -278,6 +264,15 @@ class SrunLauncher(Launcher):
         )
         with leave_signals_to_main_thread():
             self._stderr_thread.start()
+        try:
+            # The credentials, made while the workers start (see DeferredSecurity).
+            self._security = resolve_security(self._security)
+            self._cluster = start_scheduler(options, self._security, host)
+            self._greet(self._cluster.scheduler_address)
+        finally:
+            # Sent, or given up: the nodes read the end of their input
+            # (they exit at once if nothing came before it).
+            self._end_input()
         nodes = len(self.allocation.nodes)
         members = min_workers_for(options.wait_for_workers, self.allocation.ntasks)
         # Every node's agent, but those only a fraction of workers need.
@@ -292,6 +287,36 @@ class SrunLauncher(Launcher):
             description=self.description,
             workers_reachable=True,
         )
+
+    def _greet(self, address: str) -> None:
+        """Tell every worker the scheduler's address and the job's secrets:
+        the TLS credentials, and multiprocessing's key for Manager proxies.
+
+        They go through srun's standard input (``--input=all``), which SLURM
+        forwards to each of our tasks' standard input: a channel that leaves
+        no copy behind, unlike the step's environment (``/proc/PID/environ``
+        of srun and of every worker, for their whole life, and SLURM's launch
+        message), or a file (on a shared file system: every node must read it).
+        """
+        from .._security import credentials_of, process_authkey
+
+        greeting: dict[str, Any] = {"scheduler": address, "authkey": process_authkey()}
+        if self._security is not None:
+            greeting["credentials"] = credentials_of(self._security)
+        assert self._proc is not None and self._proc.stdin is not None
+        try:
+            self._proc.stdin.write(json.dumps(greeting).encode() + b"\n")
+            self._proc.stdin.flush()
+        except OSError:
+            pass  # srun has exited: _wait_for_workers says why
+
+    def _end_input(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
 
     @property
     def description(self) -> str:
@@ -331,8 +356,11 @@ class SrunLauncher(Launcher):
 
     def _wait_for_workers(self, minimum: int, deadline: float) -> None:
         """Wait for ``minimum`` workers, failing fast if the step ends."""
+        from .._versions import raise_if_refused
+
         assert self._proc is not None
         while self._worker_count() < minimum:
+            raise_if_refused(self._cluster.scheduler)
             returncode = self._proc.poll()
             if returncode is not None:
                 raise RuntimeError(
@@ -349,6 +377,7 @@ class SrunLauncher(Launcher):
                     + ("\n".join(self._stderr_tail) or "(nothing)")
                 )
             time.sleep(0.05)
+        raise_if_refused(self._cluster.scheduler)
 
     # -- close ------------------------------------------------------------
 
