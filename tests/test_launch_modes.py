@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import dask.config
 import pytest
 
 from sulis_executor.config import LAUNCH_MODES, resolve_options
@@ -159,7 +160,10 @@ def test_every_mode_has_a_launcher_module(mode: str, tmp_path: Path,
         monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     options = resolve_options({"launch": mode, **MODE_OPTIONS.get(mode, {})}, {},
                               dask_config_get=lambda key: None)
-    launcher = make_launcher(mode, options)
+    # attach: a cluster to join, which Dask's config names.
+    joinable = {"scheduler-address": "tcp://127.0.0.1:1"} if mode == "attach" else {}
+    with dask.config.set(joinable):
+        launcher = make_launcher(mode, options)
     assert isinstance(launcher, Launcher)
     assert type(launcher).__module__ == f"sulis_executor.launchers.{mode}"
     assert type(launcher).name == launcher.name == mode
