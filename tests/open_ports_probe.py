@@ -110,6 +110,13 @@ def _pid() -> int:
     return os.getpid()
 
 
+def _pid_after(_: int) -> int:
+    import time
+
+    time.sleep(0.01)  # stands for work, so that the calls spread over the members
+    return os.getpid()
+
+
 def host_port(address: str) -> Address:
     """``tls://10.77.0.1:4000`` -> ``("10.77.0.1", 4000)``."""
     host, _, port = address.split("://")[-1].rpartition(":")
@@ -147,9 +154,12 @@ def main(out: Path, options: dict[str, object]) -> None:
         assert list(ex.map(abs, range(-40, 0))) == list(range(40, 0, -1))
         info = ex.client.scheduler_info(n_workers=-1)
         comms = [info["address"], *info["workers"]]
-        worker_pids = set(ex.client.run(_pid).values())
+        # The nodes' agents (Dask's workers), and the pools' members, which
+        # run the calls (under MPI, ranks: not this process's children).
+        agent_pids = set(ex.client.run(_pid).values())
+        member_pids = set(ex.map(_pid_after, range(4 * ex.num_workers)))
         me = psutil.Process()
-        pids = {me.pid, *(child.pid for child in me.children(recursive=True)), *worker_pids}
+        pids = {me.pid, *(child.pid for child in me.children(recursive=True)), *agent_pids, *member_pids}
         processes = {}
         for pid in sorted(pids):
             try:
@@ -160,7 +170,7 @@ def main(out: Path, options: dict[str, object]) -> None:
         mpi_sockets = {}
         for path in out.glob("mpi-*.json"):
             mpi_sockets[int(path.stem.split("-")[1])] = json.loads(path.read_text())
-        report = {"comms": comms, "worker_pids": sorted(worker_pids),
+        report = {"comms": comms, "agent_pids": sorted(agent_pids), "member_pids": sorted(member_pids),
                   "environ_holders": environ_holders(secrets_of(ex)),
                   "processes": processes, "mpi_sockets": mpi_sockets}
         (out / "report.json").write_text(json.dumps(report))

@@ -71,12 +71,14 @@ def run_probe_in_namespace(tmp_path: Path, options: dict[str, Any],
     return report
 
 
-def assert_no_open_doors(report: dict[str, Any], workers: int) -> None:
+def assert_no_open_doors(report: dict[str, Any], members: int) -> None:
     # The comms really are on the namespace's interface, over TLS: else
     # "on loopback" would hold for anything.
     assert report["comms"] and all(a.startswith(f"tls://{NAMESPACE_ADDRESS}:") for a in report["comms"]), report["comms"]
-    assert len(report["worker_pids"]) == workers
-    assert set(map(str, report["worker_pids"])) <= set(report["processes"])
+    # One node: its agent (the Dask worker), and its pool's members.
+    assert len(report["agent_pids"]) == 1 and len(report["member_pids"]) == members
+    looked_at = set(report["processes"])
+    assert set(map(str, report["agent_pids"] + report["member_pids"])) <= looked_at
     assert open_doors(report) == []
     assert report["environ_holders"] == []
 
@@ -86,7 +88,7 @@ def test_local_mode_listens_only_on_tls_comm_ports_and_loopback(tmp_path: Path, 
     report = run_probe_in_namespace(tmp_path, {"max_workers": 2, "mp_context": mp_context})
     if mp_context is None:  # the fork server was among the processes looked at
         assert any("_forkserver" in p["cmdline"] for p in report["processes"].values())
-    assert_no_open_doors(report, workers=2)
+    assert_no_open_doors(report, members=2)
 
 
 @pytest.mark.mpi
@@ -95,6 +97,6 @@ def test_mpi_mode_listens_only_on_tls_comm_ports_and_loopback(tmp_path: Path) ->
     mpiexec = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
     if mpiexec is None:
         pytest.skip("needs mpiexec")
-    # Rank 0: scheduler and client; ranks 1 and 2: workers.
+    # Rank 0: scheduler and client; ranks 1 and 2: members, and rank 1 the agent.
     report = run_probe_in_namespace(tmp_path, {}, launcher=(mpiexec, "-n", "3"))
-    assert_no_open_doors(report, workers=2)
+    assert_no_open_doors(report, members=2)
