@@ -41,6 +41,12 @@ def job_env(slurm_conf: str, marker: str, **extra: str) -> dict[str, str]:
         SULIS_EXECUTOR_INTERFACE="lo",
         SULIS_TEST_MARKER=marker,
         PYTHONUNBUFFERED="1",
+        # MPICH's OFI netmod over TCP, not UCX: UCX's business cards, which
+        # every rank puts through PMI at MPI_Init, are long enough to hit
+        # SLURM's PMI-1 misparse (see PMI2_MISPARSE) in most runs of some
+        # jobs, some of them hanging in MPI_Init; OFI's are short.
+        MPIR_CVAR_CH4_NETMOD="ofi",
+        FI_PROVIDER="tcp",
     )
     env.update(extra)
     return env
