@@ -7,7 +7,8 @@ Before (one node only)::
         ...
 
 After: the same code, on every node of the allocation. The executor starts
-the scheduler here and one worker per SLURM task with ``srun``.
+the scheduler here, and with ``srun`` one worker process per SLURM task,
+which runs one call at a time with the task's CPUs.
 """
 
 import math
@@ -37,7 +38,8 @@ if __name__ == "__main__":
     with SulisDaskExecutor() as ex:  # was: ProcessPoolExecutor()
         print(f"{ex.launch_mode} mode, {ex.num_workers} workers", flush=True)
         total = sum(ex.map(count_primes, chunks))
-        # ex.client is a plain distributed.Client: ask every worker where it runs.
+        # ex.client is a plain distributed.Client. Its workers are the nodes'
+        # agents, each with a thread per worker process of its node.
         nodes = sorted(set(ex.client.run(node_name).values()))
         threads = sorted(ex.client.nthreads().values())
         workers = ex.num_workers

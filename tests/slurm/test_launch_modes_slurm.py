@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 # name -> (batch script, extra sbatch options, extra environment)
 JOBS = {
-    # srun self-launch; 2 CPUs per task to see them become worker threads.
+    # srun self-launch; 2 CPUs per task, which are each worker process's own.
     "srun": ("srun_example.sbatch",
              ("--nodes=3", "--ntasks-per-node=2", "--cpus-per-task=2", "--mem-per-cpu=500"),
              {"EXAMPLE_SIZE": "50000"}),
@@ -59,7 +59,8 @@ def test_srun_mode_uses_every_task(submitted: dict[str, Job]) -> None:
     assert result["mode"] == "srun", job.describe()
     assert result["ok"] is True, job.describe()
     assert result["workers"] == 6, job.describe()
-    assert result["threads"] == [2] * 6, job.describe()  # --cpus-per-task=2
+    # A Dask worker per node (its agent), with a thread per task of the node.
+    assert result["threads"] == [2] * 3, job.describe()
     assert result["nodes"] == ["n1", "n2", "n3"], job.describe()
 
 

@@ -53,7 +53,8 @@ def report(slurm_conf: str, tmp_path_factory: pytest.TempPathFactory) -> dict[st
 
 
 def test_srun_mode_leaves_no_secret_in_any_environment(report: dict[str, object]) -> None:
-    assert len(report["worker_pids"]) == 4  # type: ignore[arg-type]
+    # 2 nodes: an agent each, and 4 members in all.
+    assert len(report["agent_pids"]) == 2 and len(report["member_pids"]) == 4  # type: ignore[arg-type]
     assert report["environ_holders"] == []
 
 
