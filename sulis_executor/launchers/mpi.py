@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -58,14 +59,31 @@ def _finish_together(comm: Any, timeout: float) -> bool:
     MPI_Finalize (run by mpi4py at exit) waits for every rank, so a worker
     rank whose rank 0 has died would hang there forever. Meeting here first
     tells each rank whether finalizing is safe.
+
+    The barrier is polled in a daemon thread and the deadline is kept here:
+    with a dead peer, MPICH's TCP netmod can spend forever inside a single
+    ``MPI_Test`` (seen: retrying the connection to the dead rank 0), so a
+    deadline checked between ``Test`` calls never comes.
     """
-    request = comm.Ibarrier()
-    deadline = time.monotonic() + timeout
-    while not request.Test():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(POLL_INTERVAL)
-    return True
+    reached = threading.Event()
+
+    def barrier() -> None:
+        request = comm.Ibarrier()
+        while not request.Test():
+            time.sleep(POLL_INTERVAL)
+        reached.set()
+
+    threading.Thread(target=barrier, name="sulis-mpi-finish", daemon=True).start()
+    return reached.wait(timeout)
+
+
+def _exit_if_stuck(seconds: float) -> None:
+    """The last resort for a worker rank: if MPI code holding the GIL keeps
+    even the deadline above from running, faulthandler's own C thread ends
+    the process (status 1) after ``seconds``."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(seconds, exit=True, file=open(os.devnull, "w"))
 
 
 class MpiLauncher(Launcher):
@@ -192,6 +210,7 @@ class MpiLauncher(Launcher):
         else:
             pool = self._receive_pool(comm, node_workers[0], timeout)
             status = self._serve_as_member(pool, message)
+        _exit_if_stuck(FINISH_TIMEOUT + 10)
         if not _finish_together(comm, FINISH_TIMEOUT):
             # Rank 0 is gone (the scheduler vanished and it never reached the
             # final barrier): MPI_Finalize would wait for it forever.
@@ -207,7 +226,6 @@ class MpiLauncher(Launcher):
         """The node's agent (in a thread: a Dask worker feeding the pool),
         and one of its members (here)."""
         import tempfile
-        import threading
 
         from .. import worker
 
