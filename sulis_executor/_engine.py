@@ -5,17 +5,18 @@ way through it:
 
 1. **Queued.** ``submit`` and ``map`` put calls in a :class:`~._batching.CallQueue`.
 2. **Sent.** While the cluster has room (two batches per worker thread),
-   the queue's calls leave in batches, pickled (see ``_shared``), and one
-   of two transports owns each batch until its result is back: the nodes'
-   agents (:class:`~._dispatch.AgentDispatch`), when the executor started
-   the cluster, whose scheduler then runs in this process; or Dask tasks
-   (:class:`~._tasks.TaskTransport`), for a cluster someone else started,
-   and for batches that hold Dask data.
+   the queue's calls leave in batches, pickled (``_packing``, ``_shared``),
+   and one of two transports owns each batch until its result is back: the
+   nodes' agents (``_agent_transport``), when the executor started the
+   cluster, whose scheduler then runs in this process; or Dask tasks
+   (``_tasks``), for a cluster someone else started, and for batches that
+   hold Dask data.
 3. **Settled.** Results come back to the engine's collector thread, from
    the scheduler's event loop (an agent's result) or Dask's callbacks (a
    task's end, whose result is then fetched), through one queue
    (``_notes``); the collector turns them into the futures' states (see
-   ``_settle``), then sends what there is room for.
+   ``_settle``), then sends what there is room for. When idle, it checks
+   the cluster is still there (``_health``).
 
 Settling runs in the collector only: the futures' done callbacks, which are
 the user's code, never run on an event loop. Every wait on the cluster has
@@ -29,23 +30,21 @@ garbage collected (see ``executor``).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import threading
 import time
-import uuid
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
-import cloudpickle
-
 from . import _remote
+from ._agent_transport import WAKE, AgentResult, AgentsFailed, AgentTransport, in_event_loop
 from ._batching import CallQueue
-from ._calls import Batch, Call, CallTiming, function_name, pickling_error
-from ._dispatch import AgentDispatch, Handouts
+from ._calls import Batch, Call, CallTiming
+from ._health import ClusterHealth
+from ._packing import Packer
 from ._settle import deliver
-from ._shared import Pickled, SharedBuffers
+from ._shared import SharedBuffers
 from ._tasks import Fetched, TaskTransport, died_error
 from .errors import BrokenSulisExecutor, RemoteTraceback
 
@@ -54,31 +53,9 @@ logger = logging.getLogger("sulis_executor")
 #: How often an idle collector checks that the scheduler is still there.
 SCHEDULER_CHECK_INTERVAL = 0.5
 
-# Notes to the collector (besides Dask futures, and _tasks.Fetched).
+#: Tells the collector to stop (a note, besides Dask futures, _tasks.Fetched
+#: and the agent transport's notes).
 _STOP = object()
-#: Wakes the collector, which then sends what there is room for.
-_WAKE = object()
-
-
-class _Result:
-    """A batch's result, from a node's agent."""
-
-    __slots__ = ("batch", "payload")
-
-    def __init__(self, batch: Batch, payload: bytes) -> None:
-        self.batch = batch
-        self.payload = payload
-
-
-class _Failed:
-    """Batches that fail with ``error`` (kept off the scheduler's event
-    loop, where done callbacks must not run)."""
-
-    __slots__ = ("batches", "error")
-
-    def __init__(self, batches: list[Batch], error: BaseException | None) -> None:
-        self.batches = batches
-        self.error = error  # None: each failed as its worker died
 
 
 class _Withdraw:
@@ -103,16 +80,6 @@ def _scheduler_saturation(dask_scheduler: Any = None) -> float:
     return float(getattr(dask_scheduler, "WORKER_SATURATION", 1.1))
 
 
-def _in_event_loop() -> bool:
-    import asyncio
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 class Engine:
     """Queues calls, sends them to a Dask cluster in batches, settles futures."""
 
@@ -126,11 +93,9 @@ class Engine:
         self.has_initializer = has_initializer
         self.broken: str | None = None
         self._broken_tb = ""
-        self._address = getattr(getattr(client, "scheduler", None), "address", "(unknown)")
         self._closed = False
         self._close_lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._counter = itertools.count()
         self._notes: queue.SimpleQueue[Any] = queue.SimpleQueue()
         # Measured seconds per submitted call on a worker (exponential average).
         self._call_timing = CallTiming()
@@ -152,20 +117,17 @@ class Engine:
         stream = getattr(client, "scheduler_comm", None)
         if stream is not None and getattr(stream, "interval", 0) > 0.001:
             stream.interval = 0.001
+        self._health = ClusterHealth(client, launcher, lambda: self._closed)
         self._tasks = TaskTransport(client, token, has_initializer, self._notes,
-                                    self._scheduler_lost, lambda: self._closed,
+                                    self._health.scheduler_lost, lambda: self._closed,
                                     to_pools=scheduler is not None)
-        # Agents, when the scheduler runs here (see _dispatch).
-        self._scheduler = scheduler
-        self._dispatch: AgentDispatch | None = None
+        # The nodes' agents, when the scheduler runs here (see _dispatch).
+        self._agents: AgentTransport | None = None
         if scheduler is not None:
-            import dask.config
-
-            from .launchers._scheduler import register_feeder
-
-            allowed = int(dask.config.get("distributed.scheduler.allowed-failures", 3))
-            self._dispatch = AgentDispatch(allowed, has_initializer)
-            register_feeder(scheduler, self)
+            self._agents = AgentTransport(scheduler, has_initializer, self._notes,
+                                          self._members_changed)
+        self._packer = Packer(self._shared, inline_whole=self._agents is not None,
+                              collector=lambda: self._collector)
         self._refresh_threads()
         self._collector = threading.Thread(
             target=self._collect_loop, name=f"sulis-executor-results-{token[:8]}", daemon=True
@@ -207,10 +169,10 @@ class Engine:
         if now - self._threads_checked < 0.5:
             return
         self._threads_checked = now
-        if self._dispatch is not None:
-            self._threads = max(1, self._dispatch.members())
+        if self._agents is not None:
+            self._threads = max(1, self._agents.members())
             return
-        if self._scheduler_lost():
+        if self._health.scheduler_lost():
             return  # scheduler_info would block until the client gives up
         try:
             info = self.client.scheduler_info(n_workers=0)
@@ -226,12 +188,15 @@ class Engine:
 
     def worker_count(self) -> int:
         """Processes that run calls: the pools' members, or Dask's workers."""
-        if self._dispatch is not None:
-            return self._dispatch.members()
+        if self._agents is not None:
+            return self._agents.members()
         return len(self.client.scheduler_info()["workers"])
 
+    def _members_changed(self) -> None:
+        self._threads_checked = 0.0  # recount at the next look
+
     def _in_flight(self) -> int:
-        return self._tasks.count() + (self._dispatch.count() if self._dispatch is not None else 0)
+        return self._tasks.count() + (self._agents.count() if self._agents is not None else 0)
 
     def _pump(self) -> None:
         """Send batches while the cluster has room: two per worker thread,
@@ -258,12 +223,12 @@ class Engine:
         prepared = []
         try:
             for calls in groups:
-                ready = self._prepare(calls)
+                ready = self._packer.pack(calls)
                 if ready is not None:
                     prepared.append(ready)
         except BaseException:
             # Ctrl-C or SystemExit in the caller's thread while pickling (see
-            # _prepare): none of these calls reaches the cluster.
+            # _packing): none of these calls reaches the cluster.
             for _, pickled in prepared:
                 self._shared.done(pickled.keys)
             for calls in groups:
@@ -272,105 +237,16 @@ class Engine:
             raise
         to_agents, as_tasks = [], []
         for batch, pickled in prepared:
-            if self._dispatch is not None and not pickled.needs_dask:
+            if self._agents is not None and not pickled.needs_dask:
                 batch.pickled = pickled
                 to_agents.append(batch)
             else:
                 as_tasks.append((batch, pickled))
         if to_agents:
-            self._send_handouts(self._dispatch.offer(to_agents))  # type: ignore[union-attr]
+            self._agents.send(to_agents)  # type: ignore[union-attr]
         if as_tasks:
             for batch, error in self._tasks.send(as_tasks):
                 self._drop(batch, error)
-
-    def _prepare(self, calls: list[Call]) -> tuple[Batch, Pickled] | None:
-        """A batch of these calls and its pickled payload; ``None`` if none
-        of them could be pickled (those calls are failed)."""
-        name = function_name(calls[0].body[0])
-        batch = Batch(f"{name}-{next(self._counter)}-{uuid.uuid4().hex[:12]}", calls[0].kind, calls, name)
-        try:
-            pickled = self._shared.dumps([c.body for c in calls], inline_whole=self._dispatch is not None)
-        except BaseException as failure:
-            if not self._fails_the_call(failure):
-                raise
-            # Find the culprit call by call, fail it, and send the rest.
-            good = []
-            for call in calls:
-                try:
-                    cloudpickle.dumps(call.body)
-                    good.append(call)
-                except BaseException as error:
-                    if not self._fails_the_call(error):
-                        raise
-                    call.set(pickling_error(call, error), error=True)
-            if len(good) == len(calls):
-                # Every call pickles alone: sharing a buffer with the cluster
-                # failed, not pickling. Fail the batch rather than retry.
-                batch.settle(BrokenSulisExecutor(f"could not send work to the cluster: {failure}"))
-                return None
-            return self._prepare(good) if good else None
-        batch.shared_keys = pickled.keys
-        for call in calls:
-            call.batch = batch
-        return batch, pickled
-
-    def _fails_the_call(self, error: BaseException) -> bool:
-        """Whether an error raised while pickling calls fails those calls.
-
-        Any ``Exception`` does. A ``KeyboardInterrupt`` or ``SystemExit``
-        does too when the collector thread is pickling (the calls that
-        waited for room): there it can only come from an object's
-        ``__reduce__`` (signals reach the main thread), and the collector
-        must not die, or every future would hang. In the caller's thread it
-        is the user's Ctrl-C, and it propagates.
-        """
-        return isinstance(error, Exception) or threading.current_thread() is self._collector
-
-    # -- agents (on the scheduler's event loop) ------------------------------------
-
-    def _send_handouts(self, handouts: Handouts) -> None:
-        """Send agents their batches, on the scheduler's event loop."""
-        if not handouts:
-            return
-        from .launchers._scheduler import send_handouts
-
-        if _in_event_loop():
-            send_handouts(self._scheduler, handouts)
-            return
-        try:
-            self._scheduler.loop.add_callback(send_handouts, self._scheduler, handouts)
-        except RuntimeError:  # the loop is closed: nobody is left to run them
-            pass
-
-    def agent_event(self, worker: str, event: str, key: str | None = None, payload: bytes | None = None,
-                    members: int = 0) -> None:
-        """What a node's agent reports (see ``_agent``)."""
-        if self._dispatch is None or self._closed:
-            return
-        if event == "done":
-            batch, handouts = self._dispatch.done(worker, key or "")
-            self._send_handouts(handouts)
-            if batch is not None:
-                self._notes.put(_Result(batch, payload or b""))
-        elif event == "lost":
-            failed, handouts = self._dispatch.lost(worker, key or "")
-            self._send_handouts(handouts)
-            if failed:
-                self._notes.put(_Failed(failed, None))
-        elif event == "members":
-            self._send_handouts(self._dispatch.members_changed(worker, members))
-            self._threads_checked = 0.0
-            self._notes.put(_WAKE)  # more room: the collector sends what waits
-
-    def worker_lost(self, worker: str) -> None:
-        """A worker left the cluster: if it was a node's agent, what it held
-        runs elsewhere, or fails, as a dead worker's task does."""
-        if self._dispatch is None:
-            return
-        failed, handouts = self._dispatch.node_lost(worker)
-        self._send_handouts(handouts)
-        self._threads_checked = 0.0
-        self._notes.put(_Failed(failed, None) if failed else _WAKE)
 
     # -- results (the collector thread) --------------------------------------------
 
@@ -406,17 +282,17 @@ class Engine:
         dask_futures = []
         withdraw = []
         for note in notes:
-            if isinstance(note, _Result):
+            if isinstance(note, AgentResult):
                 self._settle(note.batch, note.payload)
-            elif isinstance(note, _Failed):
+            elif isinstance(note, AgentsFailed):
                 for batch in note.batches:
-                    self._drop(batch, note.error or died_error(batch))
+                    self._drop(batch, died_error(batch))
             elif isinstance(note, Fetched):
                 for batch, payload in self._tasks.fetched(note):
                     self._settle(batch, payload)
             elif isinstance(note, _Withdraw):
                 withdraw.append(note.futures)
-            elif note is not _STOP and note is not _WAKE:
+            elif note is not _STOP and note is not WAKE:
                 dask_futures.append(note)
         if dask_futures:
             if any(f.status == "cancelled" for f in dask_futures):
@@ -440,20 +316,9 @@ class Engine:
 
     # -- health, breaking and closing ---------------------------------------------
 
-    def _scheduler_lost(self) -> bool:
-        # Dask's client moves to "connecting" the moment its connection to the
-        # scheduler drops, and tries to reconnect for its whole timeout; work
-        # in flight is gone by then, so we do not wait for that verdict.
-        return not self._closed and self.client.status not in ("running", "newly-created")
-
     def _check_health(self) -> None:
-        if self.broken is None and self._scheduler_lost():
-            self.mark_broken(f"lost the connection to the Dask scheduler at {self._address}")
-        # A launcher that can tell its workers are gone for good (the srun
-        # step ended: scancel, or every worker killed) breaks us at once.
-        gone = getattr(self.launcher, "workers_gone", None)
-        if self.broken is None and gone is not None and gone():
-            self.mark_broken("the srun step running the workers has ended; no worker will come back")
+        if self.broken is None and (problem := self._health.problem()) is not None:
+            self.mark_broken(problem)
 
     def broken_error(self) -> BrokenSulisExecutor:
         error = BrokenSulisExecutor(f"{self.broken}; the executor is not usable any more")
@@ -470,7 +335,7 @@ class Engine:
             self.broken = message
             self._broken_tb = tb
         batches = self._tasks.clear()
-        agents = self._dispatch.clear() if self._dispatch is not None else []
+        agents = self._agents.clear() if self._agents is not None else []
         error = self.broken_error()
         for batch in [*batches, *agents]:
             self._drop(batch, error)
@@ -489,7 +354,7 @@ class Engine:
         handed = [future for future in futures if not future.cancel()]
         if not handed:
             return
-        if _in_event_loop():
+        if in_event_loop():
             # A dropped iterator is collected in whatever thread, even Dask's
             # event loop, where the client's blocking calls cannot be made:
             # the collector withdraws them instead, a moment later.
@@ -501,12 +366,12 @@ class Engine:
 
     def _withdraw(self, groups: list[list[Future[Any]]]) -> None:
         futures = {id(future) for group in groups for future in group}
-        in_flight = [*self._tasks.batches(), *(self._dispatch.batches() if self._dispatch else [])]
+        in_flight = [*self._tasks.batches(), *(self._agents.batches() if self._agents else [])]
         keys = {batch.batch_id for batch in in_flight if batch.kind == _remote.CHUNK
                 and all(id(call.future) in futures for call in batch.calls)}
         if not keys:
             return
-        withdrawn = self._dispatch.withdraw(keys) if self._dispatch is not None else []
+        withdrawn = self._agents.withdraw(keys) if self._agents is not None else []
         withdrawn += self._tasks.withdraw(keys - {batch.batch_id for batch in withdrawn})
         for batch in withdrawn:
             self._drop(batch, CancelledError())
@@ -514,7 +379,7 @@ class Engine:
             self._pump()  # their places on the cluster are free
 
     def unfinished_futures(self) -> list[Future[Any]]:
-        in_flight = [*self._tasks.batches(), *(self._dispatch.batches() if self._dispatch else [])]
+        in_flight = [*self._tasks.batches(), *(self._agents.batches() if self._agents else [])]
         return self._queue.futures() + [call.future for batch in in_flight for call in batch.calls]
 
     def cancel_queued(self) -> None:
@@ -538,11 +403,7 @@ class Engine:
         self._notes.put(_STOP)
         if self._collector is not threading.current_thread():
             self._collector.join(timeout)
-        if self._scheduler is not None:
-            from .launchers._scheduler import register_feeder
-
-            register_feeder(self._scheduler, None)
-        batches = [*self._tasks.clear(), *(self._dispatch.clear() if self._dispatch else [])]
+        batches = [*self._tasks.clear(), *(self._agents.close() if self._agents else [])]
         for call in self._queue.drain():
             call.future.cancel()
         for batch in batches:

@@ -707,7 +707,7 @@ def test_map_chunks_withdrawn_unstarted_let_go_of_their_shared_files(tmp_path):
     with SulisDaskExecutor(2) as ex:
         results = ex.map(tasks.size_when_released, [bytes(1_500_000)] * 20, [os.devnull] + [str(release)] * 19)
         assert next(results) == 1_500_000
-        wait_until(lambda: len(ex._engine._dispatch._ready) > 0, what="chunks waiting for a member")
+        wait_until(lambda: len(ex._engine._agents._dispatch._ready) > 0, what="chunks waiting for a member")
         results.close()
         release.touch()
         wait_until(lambda: not _shared_files(ex), what="the withdrawn chunks' files to be removed")
