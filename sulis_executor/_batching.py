@@ -24,6 +24,21 @@ from ._calls import Call, CallTiming
 #: work stays spread over the workers.
 TARGET_BATCH_SECONDS = 0.02
 MAX_BATCH_CALLS = 4096
+#: The most batches a second the executor aims to have the whole cluster run.
+#: Each batch costs the process that runs the scheduler and settles results
+#: a fixed amount of CPU, however many nodes there are; a fixed batch length
+#: would make that load grow with every core (256 workers on 20 ms batches:
+#: 12,800 batches/s). So batches get longer as the cluster grows beyond
+#: ``MAX_BATCHES_PER_SECOND`` x the target (40 worker threads for submitted
+#: calls, 1,000 for map chunks): see docs/scaling.rst.
+MAX_BATCHES_PER_SECOND = 2000
+
+
+def batch_seconds(target: float, threads: int) -> float:
+    """How long a batch should take on a worker: ``target``, or longer on a
+    cluster so large that the scheduler would handle more than
+    ``MAX_BATCHES_PER_SECOND`` batches at that length."""
+    return max(target, threads / MAX_BATCHES_PER_SECOND)
 
 
 def batch_size(queued: int, per_call: float | None, threads: int) -> int:
@@ -31,10 +46,13 @@ def batch_size(queued: int, per_call: float | None, threads: int) -> int:
     each measured to take ``per_call`` seconds, with ``queued`` waiting."""
     if per_call is None:
         return 1  # nothing measured yet: calls may be long, so spread them
-    by_time = int(TARGET_BATCH_SECONDS / max(per_call, 1e-7))
+    seconds = batch_seconds(TARGET_BATCH_SECONDS, threads)
+    by_time = int(seconds / max(per_call, 1e-7))
     # Leave some of the queue for the other workers.
     fair_share = -(-queued // max(1, threads))
-    return max(1, min(by_time, fair_share, MAX_BATCH_CALLS))
+    # The cap on calls grows with the batch's length, or it would bind first.
+    most = int(MAX_BATCH_CALLS * seconds / TARGET_BATCH_SECONDS)
+    return max(1, min(by_time, fair_share, most))
 
 
 class CallQueue:

@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from typing import Any
 
+from ._batching import batch_seconds
 from ._calls import rebuild_exception
 
 #: Adaptive chunks aim to take about this long on a worker (joblib aims at
@@ -136,7 +137,9 @@ class ChunkSizer:
         if self._seconds_per_item is None:
             return 1
         per_item = max(self._seconds_per_item, 1e-8)
-        size = max(1, min(int(TARGET_CHUNK_SECONDS / per_item), MAX_CHUNK_ITEMS))
+        target = batch_seconds(TARGET_CHUNK_SECONDS, self._threads())
+        most = int(MAX_CHUNK_ITEMS * target / TARGET_CHUNK_SECONDS)  # grows with the length
+        size = max(1, min(int(target / per_item), most))
         if self._remaining is not None:
             # Known-length input. The bulk of it goes in chunks giving each
             # worker thread two shares of what was left when calls were first

@@ -13,14 +13,17 @@ The agent holds a :class:`Pool`: members connect to it on a Unix socket in
 a private directory (``serve``), and one thread of the agent's moves every
 message between them and the agent (``Pool._loop``). Work waits in the
 pool's queue, oldest first, for a free member: batches the executor hands
-out (the agent's stream handler puts them, see ``_agent``), and Dask tasks,
-which run in members too (:class:`PoolExecutor` is the Dask worker's
-executor), so Dask collections, joblib and ``ex.client`` use processes as
-before, not the agent's threads.
+out (the agent's stream handler puts them, see ``_agent``), and the Dask
+tasks that carry the executor's own batches when they hold Dask data (those
+annotated with :data:`~._agent.POOL_EXECUTOR`, run by :class:`PoolExecutor`).
+Other Dask tasks (Dask collections, joblib, ``ex.client``) run in the
+agent's threads, as on any Dask worker.
 
 A member that dies (a segfault, ``os._exit``, the out-of-memory killer)
 loses what it held: the pool says so (``lost``), so that the executor runs
-the batch again elsewhere, and whoever started the member (a fork server)
+the batch again elsewhere; a Dask task goes back to the front of the pool's
+queue, up to Dask's ``allowed-failures`` times, as Dask retries the task of a
+worker that died, then fails with :class:`MemberDiedError`. Whoever started the member (a fork server)
 starts another, which joins the pool when it connects.
 
 Messages are pickled tuples on ``multiprocessing.connection.Connection``
@@ -48,6 +51,8 @@ from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from multiprocessing.connection import Connection, wait
 from typing import Any
+
+from .errors import WorkerDiedError
 
 logger = logging.getLogger("sulis_executor")
 
@@ -203,16 +208,24 @@ class _Member:
 class _Item:
     """Work waiting for a member: a batch (``future`` is ``None``) or a Dask task."""
 
-    __slots__ = ("key", "message", "future")
+    __slots__ = ("key", "message", "future", "deaths")
 
     def __init__(self, key: str, message: tuple[Any, ...], future: Future[Any] | None = None) -> None:
         self.key = key
         self.message = message
         self.future = future
+        self.deaths = 0  # members that died running it (Dask tasks only)
 
 
-class MemberDiedError(Exception):
-    """A Dask task's member process died while running it."""
+class MemberDiedError(WorkerDiedError):
+    """A Dask task's member process died every time the pool ran it (or the
+    pool closed first)."""
+
+
+def _allowed_failures() -> int:
+    import dask.config
+
+    return int(dask.config.get("distributed.scheduler.allowed-failures", 3))
 
 
 class Pool:
@@ -381,8 +394,15 @@ class Pool:
         item = member.item
         if item is not None:
             if item.future is not None:
-                item.future.set_exception(MemberDiedError(
-                    f"the process running this task (pid {member.pid}) died"))
+                item.deaths += 1
+                if item.deaths <= _allowed_failures():
+                    with self._lock:
+                        self._waiting.appendleft(item)
+                else:
+                    item.future.set_exception(MemberDiedError(
+                        f"the process running this task died {item.deaths} times "
+                        f"(last: pid {member.pid}); distributed.scheduler.allowed-failures "
+                        f"is {_allowed_failures()}"))
             else:
                 self._events(("lost", item.key))
         self._events(("left", len(self._members)))

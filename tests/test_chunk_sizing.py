@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 
+from sulis_executor._batching import MAX_BATCHES_PER_SECOND, TARGET_BATCH_SECONDS, batch_size
 from sulis_executor._map import MIN_CHUNK_SECONDS, TARGET_CHUNK_SECONDS, ChunkSizer
 
 
@@ -86,6 +87,38 @@ def test_unknown_length_input_is_sized_by_time_alone(per_call: float) -> None:
     sizer = probed(None, 4, per_call)
     expected = max(1, min(int(TARGET_CHUNK_SECONDS / per_call), 200_000))
     assert [sizer.next_size() for _ in range(3)] == [expected] * 3
+
+
+# -- how long batches get as the cluster grows ---------------------------------
+# Each batch costs the scheduler's process the same, so the batches the
+# whole cluster runs per second are capped: past MAX_BATCHES_PER_SECOND x the
+# target length, batches get longer in proportion to the worker threads.
+
+
+@pytest.mark.parametrize("threads", [8, 256, 12_800, 128_000])
+def test_map_chunks_keep_the_cluster_under_the_batch_rate_cap(threads: int) -> None:
+    per_call = 1e-4
+    sizer = probed(None, threads, per_call)
+    seconds = sizer.next_size() * per_call
+    assert seconds == pytest.approx(max(TARGET_CHUNK_SECONDS, threads / MAX_BATCHES_PER_SECOND), rel=0.01)
+    assert threads / seconds <= MAX_BATCHES_PER_SECOND * 1.01
+
+
+@pytest.mark.parametrize("threads", [8, 40, 256, 12_800])
+def test_batches_of_submitted_calls_keep_the_cluster_under_the_batch_rate_cap(threads: int) -> None:
+    per_call = 1e-5
+    queued = 10**12  # a steady stream: the fair share of the queue does not bind
+    seconds = batch_size(queued, per_call, threads) * per_call
+    if threads <= 40:
+        assert seconds == pytest.approx(TARGET_BATCH_SECONDS, rel=0.01)
+    else:
+        assert seconds == pytest.approx(threads / MAX_BATCHES_PER_SECOND, rel=0.01)
+    assert threads / seconds <= MAX_BATCHES_PER_SECOND * 1.01
+
+
+def test_long_calls_still_go_one_to_a_batch_on_a_big_cluster() -> None:
+    # 256 threads: 0.128 s batches, so 0.5 s calls stay one each.
+    assert batch_size(10**6, 0.5, 256) == 1
 
 
 # -- a map the executor shuts down under (sulis_executor._map.MapFeed) --------
