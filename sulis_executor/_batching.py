@@ -26,12 +26,14 @@ TARGET_BATCH_SECONDS = 0.02
 MAX_BATCH_CALLS = 4096
 #: The most batches a second the executor aims to have the whole cluster run.
 #: Each batch costs the process that runs the scheduler and settles results
-#: a fixed amount of CPU, however many nodes there are; a fixed batch length
-#: would make that load grow with every core (256 workers on 20 ms batches:
-#: 12,800 batches/s). So batches get longer as the cluster grows beyond
-#: ``MAX_BATCHES_PER_SECOND`` x the target (40 worker threads for submitted
-#: calls, 1,000 for map chunks): see docs/scaling.rst.
-MAX_BATCHES_PER_SECOND = 2000
+#: a fixed amount of CPU, however many nodes there are (0.3-0.5 ms measured
+#: for one-call batches on 2 cores), so a fixed batch length would make that
+#: load grow with every core (256 workers on 20 ms batches: 12,800 batches/s,
+#: several cores' worth). So batches get longer once the cluster has more than
+#: ``MAX_BATCHES_PER_SECOND`` x the target length worth of worker threads (20
+#: for submitted calls, 500 for map chunks), keeping that process under about
+#: half a core: see docs/scaling.rst.
+MAX_BATCHES_PER_SECOND = 1000
 
 
 def batch_seconds(target: float, threads: int) -> float:
