@@ -56,6 +56,10 @@ class AgentDispatch:
         self._lock = threading.Lock()
         self._ready: collections.deque[Batch] = collections.deque()
         self._nodes: dict[str, _Node] = {}
+        # Running totals over the nodes: the engine asks for them on every
+        # submit, and a sum would cost time in proportion to the nodes.
+        self._held = 0
+        self._members = 0
         self._allowed_failures = allowed_failures
         self._has_initializer = has_initializer
 
@@ -70,12 +74,12 @@ class AgentDispatch:
     def count(self) -> int:
         """Batches owned here: waiting, and held by nodes."""
         with self._lock:
-            return len(self._ready) + sum(len(node.held) for node in self._nodes.values())
+            return len(self._ready) + self._held
 
     def members(self) -> int:
         """Members of every node's pool: how many batches can run at once."""
         with self._lock:
-            return sum(node.members for node in self._nodes.values())
+            return self._members
 
     def batches(self) -> list[Batch]:
         with self._lock:
@@ -95,6 +99,7 @@ class AgentDispatch:
             self._ready.clear()
             for node in self._nodes.values():
                 node.held.clear()
+            self._held = 0
         return batches
 
     # -- what the nodes say (on the scheduler's event loop) --------------------
@@ -102,7 +107,9 @@ class AgentDispatch:
     def members_changed(self, worker: str, members: int) -> Handouts:
         """A node's pool has ``members`` members now (it started, or one joined or left)."""
         with self._lock:
-            self._nodes.setdefault(worker, _Node()).members = members
+            node = self._nodes.setdefault(worker, _Node())
+            self._members += members - node.members
+            node.members = members
             return self._hand_out_locked()
 
     def done(self, worker: str, key: str) -> tuple[Batch | None, Handouts]:
@@ -111,6 +118,7 @@ class AgentDispatch:
         with self._lock:
             node = self._nodes.get(worker)
             batch = node.held.pop(key, None) if node is not None else None
+            self._held -= batch is not None
             return batch, self._hand_out_locked()
 
     def lost(self, worker: str, key: str) -> tuple[list[Batch], Handouts]:
@@ -119,6 +127,7 @@ class AgentDispatch:
         with self._lock:
             node = self._nodes.get(worker)
             batch = node.held.pop(key, None) if node is not None else None
+            self._held -= batch is not None
             failed = self._requeue_locked([batch] if batch is not None else [])
             return failed, self._hand_out_locked()
 
@@ -126,6 +135,9 @@ class AgentDispatch:
         """A node left the cluster: what it held runs elsewhere, or fails."""
         with self._lock:
             node = self._nodes.pop(worker, None)
+            if node is not None:
+                self._held -= len(node.held)
+                self._members -= node.members
             failed = self._requeue_locked(list(node.held.values()) if node is not None else [])
             return failed, self._hand_out_locked()
 
@@ -158,6 +170,7 @@ class AgentDispatch:
                     break
                 batch = self._ready.popleft()
                 self._nodes[worker].held[batch.batch_id] = batch
+                self._held += 1
                 assert batch.pickled is not None
                 handouts.setdefault(worker, []).append(
                     (batch.batch_id, batch.kind, batch.pickled.payload, batch.pickled.handles,
