@@ -7,8 +7,10 @@ Before (one node only)::
         ...
 
 After: the same code, on every node of the allocation. The executor starts
-the scheduler here, and with ``srun`` one worker process per SLURM task,
-which runs one call at a time with the task's CPUs.
+the scheduler here, and with ``srun`` one process per node, which forks a
+worker process per CPU of the node's SLURM tasks (``nthreads=1``: one per
+task, for calls that use all the task's CPUs themselves); each runs one call
+at a time.
 """
 
 import math

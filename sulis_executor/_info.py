@@ -124,7 +124,7 @@ def describe_environment(environ: Mapping[str, str]) -> dict[str, Any]:
                else "the CPUs this process may use")
         info.update(
             workers=n,
-            threads_per_worker=worker_threads(options, None),
+            threads_per_worker=1,  # each worker process runs one call at a time
             memory_per_worker=_jsonable(options.memory_limit) if options.memory_limit is not None else "auto",
             memory_per_worker_source=(
                 f"memory_limit option ({options.sources.get('memory_limit')})"
@@ -141,14 +141,19 @@ def describe_environment(environ: Mapping[str, str]) -> dict[str, Any]:
                 "launch='srun' needs a SLURM allocation, but SLURM_JOB_ID is not set")
         else:
             memory, source = _worker_memory(options, allocation)
+            per_task = worker_threads(options, allocation)
+            if per_task > 1:
+                source += f"; a task's {per_task} workers share it"
+            how = ("the nthreads option" if options.nthreads else "its CPUs")
             info.update(
-                workers=allocation.ntasks,
-                threads_per_worker=worker_threads(options, allocation),
+                workers=allocation.ntasks * per_task,
+                threads_per_worker=1,
                 memory_per_worker=_jsonable(memory),
                 memory_per_worker_source=source,
                 tasks_set_aside=0,
-                cluster=(f"scheduler in this process; one srun step of {allocation.ntasks} "
-                         f"workers (one per SLURM task) on {len(allocation.nodes)} node(s)"),
+                cluster=(f"scheduler in this process; one srun step, one process per node, "
+                         f"running {allocation.ntasks * per_task} workers ({per_task} per SLURM "
+                         f"task: {how}) on {len(allocation.nodes)} node(s)"),
             )
     elif mode == "mpi":
         world = mpi_world_size(environ)
@@ -156,7 +161,7 @@ def describe_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         memory, source = _worker_memory(options, allocation)
         info.update(
             workers=None if size is None else size - 1,
-            threads_per_worker=worker_threads(options, allocation),
+            threads_per_worker=1,  # a rank is one worker process
             memory_per_worker=_jsonable(memory),
             memory_per_worker_source=source,
             tasks_set_aside=1,

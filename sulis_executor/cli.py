@@ -162,9 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     resources = template.add_argument_group("resources (become #SBATCH lines)")
     resources.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     resources.add_argument("--ntasks-per-node", type=int, default=4,
-                           help="tasks per node: one Dask worker each (default 4)")
+                           help="tasks per node (default 4)")
     resources.add_argument("--cpus-per-task", type=int, default=1,
-                           help="CPUs per task: each worker's threads (default 1)")
+                           help="CPUs per task: each runs a worker process (default 1)")
     resources.add_argument("--mem-per-cpu", metavar="MB", default=None,
                            help="memory per CPU in MiB, e.g. 3850 (default: the partition's)")
     resources.add_argument("--time", default="01:00:00",

@@ -201,7 +201,8 @@ OPTIONS: dict[str, Option] = {
         Option("interface", None, _parse_optional_str,
                "Network interface for Dask comms, e.g. 'ib0' or 'lo'."),
         Option("nthreads", None, _parse_positive_int,
-               "Threads per worker (local: 1; SLURM: cpus-per-task)."),
+               "srun mode: worker processes per SLURM task, each running one call "
+               "(default: cpus-per-task; 1 for one call per task with all its CPUs)."),
         Option("memory_limit", None, _parse_memory_limit,
                "Memory per worker (local: Dask's 'auto'; SLURM: the job's memory)."),
         Option("local_directory", None, _parse_optional_str,

@@ -94,8 +94,10 @@ def test_info_in_batch_script_text_and_json() -> None:
     assert "2 on each node (6 task(s) in all)" in text
     assert "cpus per task:    2" in text
     assert "1000 MiB (SLURM_MEM_PER_CPU=500 MiB x 2 CPU(s) per task); 950 MiB after 5% headroom" in text
-    assert "workers:          6 (tasks set aside: 0)" in text
-    assert "threads each:     2" in text
+    # 2 CPUs per task: 2 worker processes per task, each running one call.
+    assert "workers:          12 (tasks set aside: 0)" in text
+    assert "threads each:     1" in text
+    assert "(2 per SLURM task: its CPUs)" in text
 
     info = json.loads(cli("info", "--json", extra_env=env).stdout)
     assert info["mode"] == "srun"
@@ -106,8 +108,8 @@ def test_info_in_batch_script_text_and_json() -> None:
     assert alloc["cpus_per_task"] == 2
     assert alloc["memory_per_task_mib"] == 1000
     assert alloc["memory_per_task_after_headroom_mib"] == 950
-    assert info["workers"] == 6 and info["tasks_set_aside"] == 0
-    assert info["threads_per_worker"] == 2
+    assert info["workers"] == 12 and info["tasks_set_aside"] == 0
+    assert info["threads_per_worker"] == 1
     assert info["memory_per_worker"] == "950 MiB"
 
 

@@ -52,7 +52,7 @@ from ..errors import ClusterStartupTimeout
 from ..slurm import SlurmAllocation
 from ._network import scheduler_host
 from ._processes import SIGNALLED_GRACE, pythonpath_env
-from ._resources import worker_flags
+from ._resources import worker_flags, worker_threads
 from .base import Cluster, Launcher
 
 logger = logging.getLogger("sulis_executor")
@@ -176,6 +176,11 @@ class SrunLauncher(Launcher):
                 "on PATH; load the SLURM module, or use launch='local'"
             )
         self.allocation = allocation
+        # Each SLURM task's CPUs run calls at once, each in a member process of
+        # its own (as ProcessPoolExecutor runs a process per CPU): the Sulis
+        # page's --ntasks-per-node=1 --cpus-per-task=128 gets 128, not 1.
+        # nthreads=1 runs one call per task, with all its CPUs (BLAS, OpenMP).
+        self._calls_per_task = worker_threads(options, allocation)
         # A unique step name lets close() find the step to scancel it, and
         # lets tests find stray processes.
         self.step_name = f"sulis-workers-{uuid.uuid4().hex[:8]}"
@@ -225,7 +230,8 @@ class SrunLauncher(Launcher):
             # rather than lingering in the allocation.
             "--death-timeout", str(max(60.0, self._options.timeout)),
             *worker_flags(self._options, self.allocation),
-            "--members-per-node", ",".join(map(str, self.allocation.tasks_per_node)),
+            "--members-per-node", ",".join(str(tasks * self._calls_per_task)
+                                           for tasks in self.allocation.tasks_per_node),
         ]
         if self._options.max_tasks_per_child is not None:
             argv += ["--max-tasks", str(self._options.max_tasks_per_child)]
@@ -248,7 +254,7 @@ class SrunLauncher(Launcher):
             logger.warning("the nodes of this allocation have %s tasks: each node's task gets "
                            "%d CPUs, the smallest node's", "/".join(map(str, self.allocation.tasks_per_node)),
                            node_cpus(self.allocation))
-        logger.info("starting %d workers on %d nodes: %s", self.allocation.ntasks,
+        logger.info("starting %d workers on %d nodes: %s", self.allocation.ntasks * self._calls_per_task,
                     len(self.allocation.nodes), " ".join(command))
         self._proc = subprocess.Popen(
             command,
@@ -274,7 +280,7 @@ class SrunLauncher(Launcher):
             # (they exit at once if nothing came before it).
             self._end_input()
         nodes = len(self.allocation.nodes)
-        members = min_workers_for(options.wait_for_workers, self.allocation.ntasks)
+        members = min_workers_for(options.wait_for_workers, self.allocation.ntasks * self._calls_per_task)
         # Every node's agent, but those only a fraction of workers need.
         agents = min(nodes, members)
         self._wait_for_workers(agents, deadline)
@@ -321,8 +327,8 @@ class SrunLauncher(Launcher):
     @property
     def description(self) -> str:
         a = self.allocation
-        return (f"SLURM job {a.job_id}: srun step {self.step_name!r} of {a.ntasks} worker processes "
-                f"on {len(a.nodes)} nodes")
+        return (f"SLURM job {a.job_id}: srun step {self.step_name!r} of {a.ntasks * self._calls_per_task} "
+                f"worker processes on {len(a.nodes)} nodes")
 
     def dashboard_link(self) -> str | None:
         if self._cluster is None or not self._options.dashboard:

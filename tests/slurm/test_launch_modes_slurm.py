@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 # name -> (batch script, extra sbatch options, extra environment)
 JOBS = {
-    # srun self-launch; 2 CPUs per task, which are each worker process's own.
+    # srun self-launch; 2 CPUs per task, each running a worker process.
     "srun": ("srun_example.sbatch",
              ("--nodes=3", "--ntasks-per-node=2", "--cpus-per-task=2", "--mem-per-cpu=500"),
              {"EXAMPLE_SIZE": "50000"}),
@@ -58,9 +58,11 @@ def test_srun_mode_uses_every_task(submitted: dict[str, Job]) -> None:
     result = result_line(job)
     assert result["mode"] == "srun", job.describe()
     assert result["ok"] is True, job.describe()
-    assert result["workers"] == 6, job.describe()
-    # A Dask worker per node (its agent), with a thread per task of the node.
-    assert result["threads"] == [2] * 3, job.describe()
+    # 3 nodes x 2 tasks x 2 CPUs: a worker process per CPU, as
+    # ProcessPoolExecutor() runs one per CPU.
+    assert result["workers"] == 12, job.describe()
+    # A Dask worker per node (its agent), with a thread per worker process of the node.
+    assert result["threads"] == [4] * 3, job.describe()
     assert result["nodes"] == ["n1", "n2", "n3"], job.describe()
 
 
