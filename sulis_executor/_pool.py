@@ -33,8 +33,9 @@ Messages are pickled tuples on ``multiprocessing.connection.Connection``
   initializer)``, ``("call", key, pickled (fn, args, kwargs), initializer)``,
   where ``initializer`` is ``pickle((fn, args))`` with a member's first
   item once the executor's initializer has reached the agent, else ``None``;
-* member to agent: ``("hello", pid)``, ``("done", key, result)``,
-  ``("called", key, ok, pickled value)``.
+* member to agent: ``("hello", pid)``, ``("done", key, result, leaving)``,
+  ``("called", key, ok, pickled value, leaving)``, where ``leaving`` says
+  that the member exits next (``max_tasks`` reached).
 """
 
 from __future__ import annotations
@@ -156,6 +157,9 @@ def serve(path: str, token: str, max_tasks: int | None = None,
         else:
             _, key, call, _ = message
             reply = ("called", key, *_call(call, cluster))
+        # Whether this is our last: the pool must not hand us another, which
+        # would be lost with us and count as a death against it.
+        reply += (left == 1,)
         try:
             conn.send(reply)
         except (EOFError, OSError):
@@ -360,7 +364,9 @@ class Pool:
             self._remove(member)
             return
         item, member.item = member.item, None
-        self._idle.append(member)
+        *message, leaving = message
+        if not leaving:  # a member leaving (max_tasks) hangs up next: see _remove
+            self._idle.append(member)
         if item is None:
             return
         if message[0] == "done":

@@ -81,3 +81,36 @@ def test_a_task_that_kills_every_member_fails_as_a_dead_worker_after_the_allowed
     # Two members died for it; the third is still there to run other work.
     assert sum(m.exitcode is not None for m in members if not m.is_alive()) == 2
     assert pool.size == 1
+
+
+def _member_for_one_task(path: str) -> None:
+    serve(path, token="test", max_tasks=1)
+
+
+def test_a_member_leaving_after_its_last_task_is_given_no_other(tmp_path: Path) -> None:
+    # max_tasks_per_child: the member exits after its reply. The next task
+    # must wait for a new member, not go to the leaving one and be lost with
+    # it (which would count as a death: with no failures allowed, fail it).
+    pool = Pool(str(tmp_path / "pool"), lambda event: None)
+    pool.start()
+    context = multiprocessing.get_context("spawn")
+    started = []
+    try:
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+            first = context.Process(target=_member_for_one_task, args=(pool.path,))
+            first.start()
+            started.append(first)
+            wait_until(lambda: pool.size == 1, what="the first member joined")
+            futures = [pool.put_call(cloudpickle.dumps((os.getpid, (), {}))) for _ in range(2)]
+            assert futures[0].result(timeout=60) == first.pid
+            first.join(30)
+            second = context.Process(target=_member_for_one_task, args=(pool.path,))
+            second.start()
+            started.append(second)
+            assert futures[1].result(timeout=60) == second.pid
+    finally:
+        pool.close()
+        for member in started:
+            member.join(10)
+            if member.is_alive():
+                member.kill()

@@ -4,6 +4,10 @@
   each node has exactly one interpreter that started from scratch (its
   ``python -m sulis_executor._node``; the batch script's on the first node
   besides), however many worker processes it runs.
+* A task's CPUs each run a call at once: the Sulis page's single-node job
+  (``--ntasks-per-node=1 --cpus-per-task=128``, here 4 CPUs) gets 4 worker
+  processes, and 4 calls meet in 4 processes at the same time (a barrier
+  across processes, with a deadline); with ``nthreads=1`` it gets one.
 * The scale benchmark's quick variant runs end to end (local mode against
   ProcessPoolExecutor, and srun jobs on clusters of its own): every run
   gives its results, writes nothing to stderr and leaves no process
@@ -65,15 +69,53 @@ print("RESULT " + json.dumps({"workers": workers, "ran_on": ran_on, "fresh": fre
 '''
 
 
+CALLS_MEET = '''
+import json, os, sys, time
+from pathlib import Path
+from sulis_executor import SulisDaskExecutor
+
+def meet(room, expected):
+    """Arrive in ``room``; True once ``expected`` calls are there at once."""
+    Path(room, str(os.getpid())).touch()
+    deadline = time.monotonic() + 30
+    while len(os.listdir(room)) < expected:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return os.getpid()
+
+room = Path(sys.argv[1]); room.mkdir()
+with SulisDaskExecutor() as ex:
+    workers = ex.num_workers
+    met = [f.result() for f in [ex.submit(meet, str(room), 4) for _ in range(4)]]
+default = {"workers": workers, "all_met": all(met), "pids": len(set(met))}
+with SulisDaskExecutor(nthreads=1) as ex:
+    one_per_task = ex.num_workers
+print("RESULT " + json.dumps({**default, "one_per_task": one_per_task}), flush=True)
+'''
+
+
 @pytest.fixture(scope="module")
 def submitted(slurm_conf: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Job]:
     workdir: Path = tmp_path_factory.mktemp("fresh-interpreters")
     (workdir / "fresh.py").write_text(FRESH_INTERPRETERS)
     script = workdir / "job.sbatch"
     script.write_text('#!/bin/bash\n"$PYTHON" fresh.py\n')
-    job = submit(script, workdir, slurm_conf, "--nodes=2", "--ntasks-per-node=4",
-                 "--cpus-per-task=1", "--mem-per-cpu=500")
-    return {"fresh": job}
+    jobs = {"fresh": submit(script, workdir, slurm_conf, "--nodes=2", "--ntasks-per-node=4",
+                            "--cpus-per-task=1", "--mem-per-cpu=500")}
+    workdir = tmp_path_factory.mktemp("one-task-many-cpus")
+    (workdir / "meet.py").write_text(CALLS_MEET)
+    script = workdir / "job.sbatch"
+    script.write_text(f'#!/bin/bash\n"$PYTHON" meet.py {workdir / "room"}\n')
+    jobs["one_task"] = submit(script, workdir, slurm_conf, "--nodes=1", "--ntasks-per-node=1",
+                              "--cpus-per-task=4", "--mem-per-cpu=500")
+    return jobs
+
+
+def test_a_task_with_many_cpus_runs_a_call_on_each_at_once(submitted: dict[str, Job]) -> None:
+    job = finished_cleanly(submitted["one_task"])
+    result = result_line(job)
+    assert result == {"workers": 4, "all_met": True, "pids": 4, "one_per_task": 1}, job.describe()
 
 
 def test_srun_mode_imports_dask_once_per_node_whatever_its_tasks(submitted: dict[str, Job]) -> None:
