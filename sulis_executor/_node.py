@@ -135,7 +135,8 @@ class _Node:
         credentials = self.secrets.get("credentials")
         cluster = _pool.MemberWorker(
             self.agent_argv[0], lambda: security_from(credentials) if credentials else None)
-        return _pool.serve(self.pool, "", self.max_tasks, cluster)
+        _pool.end_member_process(_pool.serve(self.pool, "", self.max_tasks, cluster))
+        return 0  # not reached
 
     def _reap(self) -> tuple[int | None, Any]:
         """Reap what exited: ``(the agent's exit status, None)`` once it has

@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import WorkerDiedError
 
@@ -168,6 +168,27 @@ def serve(path: str, token: str, max_tasks: int | None = None,
             left -= 1
     conn.close()
     return 0
+
+
+def end_member_process(status: int) -> NoReturn:
+    """End a member process as ``multiprocessing`` ends ``ProcessPoolExecutor``'s
+    workers: wait for the threads calls started, run ``multiprocessing``'s
+    finalizers, flush the standard streams, and exit without the rest of the
+    interpreter's teardown (nor ``atexit`` handlers, which such workers do
+    not run either). The teardown of a process that imported Dask cost
+    about 0.1 CPU-s: 128 members on a node took seconds to end."""
+    import multiprocessing.util
+
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+        multiprocessing.util._exit_function()  # type: ignore[attr-defined]
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - closed, or a broken pipe: nothing to flush to
+                pass
+        os._exit(status)
 
 
 def _call(call: bytes, cluster: MemberWorker | None) -> tuple[bool, bytes]:

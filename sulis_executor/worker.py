@@ -368,10 +368,11 @@ def main(argv: list[str] | None = None, *, die_with_parent: bool = True,
             return security
 
         try:
-            return _pool.serve(args.member, args.engine, args.max_tasks,
-                               _pool.MemberWorker(args.scheduler, member_security))
+            status = _pool.serve(args.member, args.engine, args.max_tasks,
+                                 _pool.MemberWorker(args.scheduler, member_security))
         finally:
             _clean_up_if_orphaned(args, parentage)
+        _pool.end_member_process(status)
     # Importing Dask (most of a worker's start-up time) sets up its loggers,
     # which are then silenced; a worker told to read its scheduler's address
     # does this while the scheduler starts.
