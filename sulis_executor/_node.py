@@ -152,8 +152,11 @@ class _Node:
             if pid == self.agent:
                 self.agent_status = os.waitstatus_to_exitcode(status)
                 self._stop(signal.SIGTERM)
-            elif not self.stopping:
-                child = self._fork(self._member)  # another takes its place
+            elif not self.stopping and os.waitstatus_to_exitcode(status) != 0:
+                # Died, or retired (max_tasks): another takes its place. One
+                # that exited 0 left because the agent hung up: the node is
+                # closing, and a new one would wait for the pool in vain.
+                child = self._fork(self._member)
                 if child is not None:
                     return None, child
         if self.stopping and not self.children:

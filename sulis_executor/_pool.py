@@ -167,7 +167,7 @@ def serve(path: str, token: str, max_tasks: int | None = None,
         if left is not None:
             left -= 1
     conn.close()
-    return 0
+    return RETIRED
 
 
 def end_member_process(status: int) -> NoReturn:
@@ -240,6 +240,13 @@ class _Item:
         self.message = message
         self.future = future
         self.deaths = 0  # members that died running it (Dask tasks only)
+
+
+#: A member's exit status once it has run its ``max_tasks``: whoever started
+#: it starts another. A member whose agent hung up exits 0, and is not
+#: replaced (the node is closing: a new one would wait for a pool that is
+#: gone); one that dies otherwise is.
+RETIRED = 75
 
 
 class MemberDiedError(WorkerDiedError):
