@@ -40,7 +40,7 @@ from typing import Any
 
 import cloudpickle
 
-from . import _remote
+from . import _dask_private, _remote
 from ._batching import CallQueue
 from ._calls import Batch, Call, CallTiming, function_name, pickling_error
 from ._dispatch import AgentDispatch, Handouts
@@ -149,9 +149,7 @@ class Engine:
         # Dask's client batches its messages to the scheduler every 10 ms,
         # which is most of a task's round trip here (11 ms -> 6 ms measured):
         # executor calls are latency-bound, so send after 1 ms instead.
-        stream = getattr(client, "scheduler_comm", None)
-        if stream is not None and getattr(stream, "interval", 0) > 0.001:
-            stream.interval = 0.001
+        _dask_private.shorten_client_stream(client, 0.001)
         self._tasks = TaskTransport(client, token, has_initializer, self._notes,
                                     self._scheduler_lost, lambda: self._closed,
                                     to_pools=scheduler is not None)
@@ -213,8 +211,7 @@ class Engine:
         if self._scheduler_lost():
             return  # scheduler_info would block until the client gives up
         try:
-            info = self.client.scheduler_info(n_workers=0)
-            self._threads = max(1, int(info.get("total_threads") or 0))
+            self._threads = max(1, _dask_private.total_threads(self.client))
         except Exception:
             return
 
@@ -228,7 +225,7 @@ class Engine:
         """Processes that run calls: the pools' members, or Dask's workers."""
         if self._dispatch is not None:
             return self._dispatch.members()
-        return len(self.client.scheduler_info()["workers"])
+        return _dask_private.worker_count(self.client)
 
     def _in_flight(self) -> int:
         return self._tasks.count() + (self._dispatch.count() if self._dispatch is not None else 0)
