@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from . import _dask_private
 from ._pool import Event, Pool
 
 logger = logging.getLogger("sulis_executor")
@@ -45,7 +46,7 @@ class Agent:
     def start(self) -> None:
         """Take handouts, and report the members that have joined so far
         (on the worker's event loop, once it runs)."""
-        self.worker.stream_handlers[HANDOUT_OP] = self._take
+        _dask_private.add_stream_handler(self.worker, HANDOUT_OP, self._take)
         self._send({"event": "members", "members": self.pool.size})
 
     def _take(self, batches: list[Any] = (), **_: Any) -> None:  # type: ignore[assignment]
@@ -72,6 +73,6 @@ class Agent:
 
     def _send(self, message: dict[str, Any]) -> None:
         try:
-            self.worker.batched_stream.send({"op": AGENT_OP, **message})
+            _dask_private.send_to_scheduler(self.worker, {"op": AGENT_OP, **message})
         except Exception:  # the scheduler is gone: nobody to tell
             pass

@@ -37,7 +37,7 @@ import time
 from concurrent.futures import CancelledError, Future
 from typing import Any
 
-from . import _remote
+from . import _dask_private, _remote
 from ._agent_transport import WAKE, AgentResult, AgentsFailed, AgentTransport, in_event_loop
 from ._batching import CallQueue
 from ._calls import Batch, Call, CallTiming
@@ -114,9 +114,7 @@ class Engine:
         # Dask's client batches its messages to the scheduler every 10 ms,
         # which is most of a task's round trip here (11 ms -> 6 ms measured):
         # executor calls are latency-bound, so send after 1 ms instead.
-        stream = getattr(client, "scheduler_comm", None)
-        if stream is not None and getattr(stream, "interval", 0) > 0.001:
-            stream.interval = 0.001
+        _dask_private.shorten_client_stream(client, 0.001)
         self._health = ClusterHealth(client, launcher, lambda: self._closed)
         self._tasks = TaskTransport(client, token, has_initializer, self._notes,
                                     self._health.scheduler_lost, lambda: self._closed,
@@ -175,8 +173,7 @@ class Engine:
         if self._health.scheduler_lost():
             return  # scheduler_info would block until the client gives up
         try:
-            info = self.client.scheduler_info(n_workers=0)
-            self._threads = max(1, int(info.get("total_threads") or 0))
+            self._threads = max(1, _dask_private.total_threads(self.client))
         except Exception:
             return
 
@@ -190,7 +187,7 @@ class Engine:
         """Processes that run calls: the pools' members, or Dask's workers."""
         if self._agents is not None:
             return self._agents.members()
-        return len(self.client.scheduler_info()["workers"])
+        return _dask_private.worker_count(self.client)
 
     def _members_changed(self) -> None:
         self._threads_checked = 0.0  # recount at the next look

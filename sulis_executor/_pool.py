@@ -115,11 +115,11 @@ class MemberWorker:
     def install(self) -> bool:
         """Be what ``get_worker()`` returns here, once Dask is imported
         (members that are fresh interpreters never need it otherwise)."""
-        worker_module = sys.modules.get("distributed.worker")
-        if worker_module is None:
+        if "distributed.worker" not in sys.modules:
             return False
-        worker_module._worker_cvar.set(self)
-        return True
+        from . import _dask_private
+
+        return _dask_private.set_current_worker(self)
 
 
 def serve(path: str, token: str, max_tasks: int | None = None,

@@ -19,14 +19,13 @@ import logging
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from concurrent.futures import CancelledError
 from typing import Any
 
 import dask
 
-from . import _remote
+from . import _dask_private, _remote
 from ._agent import POOL_EXECUTOR
 from ._calls import Batch
 from ._shared import Pickled
@@ -62,17 +61,16 @@ def unstarted_tasks(keys: list[str], dask_scheduler: Any = None) -> tuple[list[s
     heard of yet (their graph is still on its way), and those a worker has
     been given, with the worker (it may not have started them: Dask hands a
     worker more tasks than it has threads, unless ``worker-saturation`` is 1)."""
-    tasks = dask_scheduler.tasks
-    held = [key for key in keys if key in tasks and tasks[key].state in _UNSTARTED]
-    unheard = [key for key in keys if key not in tasks]
-    given = {key: tasks[key].processing_on.address for key in keys
-             if key in tasks and tasks[key].state == "processing" and tasks[key].processing_on}
+    states = _dask_private.scheduler_task_states(dask_scheduler, keys)
+    held = [key for key in keys if key in states and states[key][0] in _UNSTARTED]
+    unheard = [key for key in keys if key not in states]
+    given = {key: worker for key, (state, worker) in states.items() if state == "processing" and worker}
     return held, unheard, given
 
 
 def executing_tasks(keys: list[str], dask_worker: Any = None) -> list[str]:
     """Run on a worker (``Client.run``): those of these tasks it is running."""
-    running = {ts.key for ts in (*dask_worker.state.executing, *dask_worker.state.long_running)}
+    running = _dask_private.worker_running_keys(dask_worker)
     return [key for key in keys if key in running]
 
 
@@ -105,31 +103,7 @@ def submit_queued(client: Any, func: Any, tasks: list[tuple[str, tuple[Any, ...]
     instead of one per task took 8 tasks to their workers in 9-11 ms instead
     of 13-18 ms.
     """
-    try:
-        from dask._expr import LLGExpr
-        from dask._task_spec import Task
-        from distributed.spans import SpanMetadata
-    except ImportError:
-        return [_submit_queued_one(client, func, key, args) for key, args in tasks]
-    graph = {key: Task(key, func, *args, _data_producer=True) for key, args in tasks}
-    futures = client._graph_to_futures(
-        LLGExpr(graph, _determ_token=uuid.uuid4().hex),
-        list(graph),
-        internal_priority={key: order for order, key in enumerate(graph)},
-        fifo_timeout=0,
-        span_metadata=SpanMetadata(collections=[{"type": "Future"}]),
-    )
-    return [futures[key] for key in graph]
-
-
-def _submit_queued_one(client: Any, func: Any, key: str, args: tuple[Any, ...]) -> Any:
-    """One task per graph, for a Dask without the expression graphs above."""
-    try:
-        from dask._task_spec import Task
-    except ImportError:  # an older dask still: no queuing, only a little less balance
-        return client.submit(func, *args, key=key, pure=False)
-    (future,) = client.get({key: Task(key, func, *args, _data_producer=True)}, [key], sync=False)
-    return future
+    return _dask_private.submit_data_producers(client, func, tasks)
 
 
 class TaskTransport:

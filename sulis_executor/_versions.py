@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import __version__
+from . import __version__, _dask_private
 from .errors import VersionMismatchError
 
 logger = logging.getLogger("sulis_executor")
@@ -76,8 +76,9 @@ def version_gate() -> Any:
             self.refused: list[str] = []
 
         async def start(self, scheduler: Any) -> None:
-            register = scheduler.handlers["register-worker"]
+            _dask_private.wrap_handler(scheduler, "register-worker", self._gate)
 
+        def _gate(self, register: Any) -> Any:
             async def register_worker(comm: Any, *, extra: dict[str, Any] | None = None,
                                       name: Any = None, address: str = "", **msg: Any) -> Any:
                 error = mismatch((extra or {}).get(VERSION_KEY), f"{name} ({address})")
@@ -92,7 +93,7 @@ def version_gate() -> Any:
                 await comm.write({"status": "error", "message": error, "time": time()})
                 return None
 
-            scheduler.handlers["register-worker"] = register_worker
+            return register_worker
 
     return VersionGate()
 
@@ -129,7 +130,7 @@ def check_workers(client: Any, timeout: float) -> None:
     if not differ:
         return
     names = {address: info.get("name", "?")
-             for address, info in client.scheduler_info(n_workers=-1)["workers"].items()}
+             for address, info in _dask_private.scheduler_info(client)["workers"].items()}
     errors = [mismatch(version, f"{names.get(address, '?')} ({address})", reported=reported) or ""
               for address, (reported, version) in differ.items()]
     more = f" ({len(errors) - 1} more workers differ)" if len(errors) > 1 else ""

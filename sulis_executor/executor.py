@@ -41,7 +41,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-from . import _remote
+from . import _dask_private, _remote
 from ._calls import CallTiming
 from ._engine import Engine
 from ._map import (
@@ -438,7 +438,7 @@ class SulisDaskExecutor(Executor):
         logger.info(
             "%s ready: %d workers in %.2f s",
             cluster.description,
-            len(client.scheduler_info()["workers"]),
+            _dask_private.worker_count(client),
             time.monotonic() - started,
         )
         return engine
@@ -473,7 +473,7 @@ class SulisDaskExecutor(Executor):
             else:
                 client.wait_for_workers(count, timeout=max(0.1, deadline - time.monotonic()))
         except TimeoutError:
-            arrived = len(client.scheduler_info()["workers"])
+            arrived = _dask_private.worker_count(client)
             raise ClusterStartupTimeout(
                 f"only {arrived} of {count} workers of {cluster.description} arrived before the "
                 f"timeout; check the workers' output for errors, that they can reach the "

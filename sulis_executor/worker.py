@@ -252,6 +252,7 @@ async def _run(args: argparse.Namespace, security: Any, parentage: Parentage) ->
     import dask.config
     from distributed import Worker
 
+    from . import _dask_private
     from ._versions import worker_startup_information
     from .launchers._network import HTTP_HOST
 
@@ -299,7 +300,7 @@ async def _run(args: argparse.Namespace, security: Any, parentage: Parentage) ->
         # Dask batches the worker's messages to the scheduler every 2 ms; a
         # finished task's report is most of what the executor waits on between
         # one batch and the next, so send after 1 ms (see launchers._scheduler).
-        worker.batched_stream.interval = STREAM_INTERVAL
+        _dask_private.shorten_worker_stream(worker, STREAM_INTERVAL)
         loop = asyncio.get_running_loop()
         if threading.current_thread() is threading.main_thread():
             # (An MPI rank runs its node's agent in a thread: signals are its own.)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from pathlib import Path
 
 _initialized_in: list[int] = []
 
@@ -202,3 +203,20 @@ def numpy_random_state(_: object = None, delay: float = 0.0) -> tuple[int, int]:
 
     time.sleep(delay)
     return os.getpid(), int(numpy.random.get_state()[1][:8].sum())
+
+
+def meet(directory: str, name: str, parties: int, timeout: float = 15.0) -> int:
+    """A barrier across processes: mark ``name`` arrived in ``directory``,
+    then wait until ``parties`` have, or until ``timeout`` passes, or until
+    another party gave up; return how many had arrived. The first to give
+    up says so, so that calls run one after another fail fast."""
+    Path(directory, f"arrived-{name}").touch()
+    deadline = time.monotonic() + timeout
+    while True:
+        arrived = sum(1 for entry in os.listdir(directory) if entry.startswith("arrived-"))
+        if arrived >= parties or os.path.exists(os.path.join(directory, "gave-up")):
+            return arrived
+        if time.monotonic() > deadline:
+            Path(directory, "gave-up").touch()
+            return arrived
+        time.sleep(0.005)

@@ -235,22 +235,10 @@ def _user_client() -> Any:
     """The latest default client that is running and not an executor's."""
     if "distributed" not in sys.modules:
         return None
-    from distributed import client as dask_client
+    from .. import _dask_private
 
-    candidates: list[Any] = []
-    current = getattr(dask_client, "_current_client", None)
-    if current is not None:
-        candidates.append(current.get())
-    registry = getattr(dask_client, "_global_clients", None)
-    if registry is not None:
-        candidates += [registry.get(key) for key in sorted(list(registry), reverse=True)]
-    else:  # pragma: no cover - an older or newer distributed
-        try:
-            candidates.append(dask_client.default_client())
-        except ValueError:
-            pass
-    for client in candidates:
-        if client is not None and client not in _own_clients and client.status == "running":
+    for client in _dask_private.default_clients():
+        if client not in _own_clients and client.status == "running":
             return client
     return None
 

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import dask.config
 
+from .. import _dask_private
 from .._quiet import NO_STALL_CHECK
 from .._signals import leave_signals_to_main_thread
 from ..config import ExecutorOptions
@@ -64,7 +65,7 @@ def _executor_streams() -> Any:
 
         async def start(self, scheduler: Any) -> None:
             self._scheduler = scheduler
-            scheduler.stream_handlers[AGENT_OP] = self._agent_event
+            _dask_private.add_stream_handler(scheduler, AGENT_OP, self._agent_event)
 
         def _agent_event(self, event: str, worker: str = "", **message: Any) -> None:
             # A node's agent reports (see _agent).
@@ -79,9 +80,7 @@ def _executor_streams() -> Any:
                 self.feeder.worker_lost(worker)
 
         def add_worker(self, scheduler: Any, worker: str) -> None:
-            stream = scheduler.stream_comms.get(worker)
-            if stream is not None:
-                stream.interval = STREAM_INTERVAL
+            _dask_private.shorten_worker_stream_on_scheduler(scheduler, worker, STREAM_INTERVAL)
 
         def add_client(self, scheduler: Any, client: str) -> None:
             # The client's stream is made just after this hook returns.
@@ -89,9 +88,7 @@ def _executor_streams() -> Any:
 
         @staticmethod
         def _shorten_client_stream(scheduler: Any, client: str) -> None:
-            stream = scheduler.client_comms.get(client)
-            if stream is not None:
-                stream.interval = STREAM_INTERVAL
+            _dask_private.shorten_client_stream_on_scheduler(scheduler, client, STREAM_INTERVAL)
 
     return ExecutorStreams()
 
@@ -110,11 +107,9 @@ def send_handouts(scheduler: Any, handouts: dict[str, list[Any]]) -> None:
     from .._agent import HANDOUT_OP
 
     for worker, batches in handouts.items():
-        stream = scheduler.stream_comms.get(worker)
-        if stream is None:
-            continue  # gone: Feeder.worker_lost takes back what it had
         try:
-            stream.send({"op": HANDOUT_OP, "batches": batches})
+            # (A worker gone: Feeder.worker_lost takes back what it had.)
+            _dask_private.send_to_worker(scheduler, worker, {"op": HANDOUT_OP, "batches": batches})
         except Exception:
             pass
 
@@ -147,10 +142,9 @@ def in_process_scheduler(target: Any) -> Any:
     """The scheduler an executor started in this process, which can hand
     batches to agents, or ``None``."""
     scheduler = getattr(target, "scheduler", None)
-    handlers = getattr(scheduler, "stream_handlers", None)
     from .._agent import AGENT_OP
 
-    return scheduler if isinstance(handlers, dict) and AGENT_OP in handlers else None
+    return scheduler if _dask_private.has_stream_handler(scheduler, AGENT_OP) else None
 
 
 def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -> Any:
