@@ -48,7 +48,7 @@ from .._signals import leave_signals_to_main_thread
 from ..config import ExecutorOptions
 from ..errors import ClusterStartupTimeout
 from ..slurm import SlurmAllocation
-from ._network import scheduler_host
+from ._network import require_reachable, scheduler_host
 from ._processes import SIGNALLED_GRACE, pythonpath_env
 from ._resources import worker_flags
 from .base import Cluster, Launcher
@@ -224,7 +224,10 @@ class SrunLauncher(Launcher):
 
         deadline = time.monotonic() + timeout
         options = self._options
-        host = scheduler_host(options.interface)  # a bad interface fails before any step
+        # A bad interface fails before any step: an unknown one, or loopback
+        # when workers run on other nodes.
+        host = scheduler_host(options.interface)
+        require_reachable(host, options.interface, self.allocation.nodes)
         self._install_sigterm_handler()
         _open_launchers.add(self)
         # Workers first: launching the step and importing Dask in every task

@@ -44,6 +44,7 @@ from tests.slurm.jobs import (
     finished_cleanly,
     poll_job,
     result_line,
+    scancel,
     submit,
     wait_for_job,
     wait_for_mpi_job,
@@ -347,7 +348,7 @@ def test_scancel_of_a_running_job_leaves_nothing(submitted: dict[str, Job]) -> N
     job = submitted["scancel"]
     wait_for_line(job, r"^READY ", timeout=150)
     cancelled = time.monotonic()
-    subprocess.run(["scancel", job.job_id], env=job.env, timeout=30, check=True)
+    scancel(job, check=True)
     wait_for_job(job, timeout=60)
     assert job.state == "CANCELLED", job.describe()
     assert time.monotonic() - cancelled < 30, job.describe()
