@@ -23,6 +23,13 @@ CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
 #: A small job for every mode: 3 nodes x 2 tasks, 1 CPU each (6 of the 12).
 JOB_SHAPE = ("--nodes=3", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem-per-cpu=500")
 
+
+def shape(nodes: int, tasks_per_node: int) -> tuple[str, ...]:
+    """sbatch options for ``nodes`` x ``tasks_per_node`` tasks of 1 CPU each."""
+    return (f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1",
+            "--mem-per-cpu=500")
+
+
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                 "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 

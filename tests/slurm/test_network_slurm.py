@@ -39,6 +39,7 @@ from tests.slurm.jobs import (
     node_namespace,
     poll_job,
     result_line,
+    shape,
     set_link,
     slurm_command,
     submit,
@@ -47,11 +48,6 @@ from tests.slurm.jobs import (
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
-
-
-def shape(nodes: int, tasks_per_node: int) -> tuple[str, ...]:
-    return (f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1",
-            "--mem-per-cpu=500")
 
 
 # -- the cluster: each node's loopback is its own -----------------------------
@@ -197,25 +193,17 @@ def test_loopback_on_a_single_node_works(loopback_jobs: dict[str, Job]) -> None:
 
 PARTITION = '''
 import json, os, subprocess, time
-from pathlib import Path
 from sulis_executor import SulisDaskExecutor
+from tests.slurm import recorded
 
-LOG = Path("executions.log").resolve()
 SWITCH = os.environ["SULIS_TEST_SWITCH_NETNS"]
-
-def work(i):
-    # One line per execution: Dask may run again a call whose worker was lost.
-    with open(LOG, "a") as f:
-        f.write(f"{i} {os.environ.get('SLURMD_NODENAME')}\\n")
-    time.sleep(0.03)
-    return i * i
 
 N, CUT_AFTER = 300, 30
 with SulisDaskExecutor() as ex:
     workers_before = ex.num_workers
     nodes_before = sorted(set(ex.client.run(lambda: os.environ.get("SLURMD_NODENAME")).values()))
     results = []
-    for k, r in enumerate(ex.map(work, range(N))):
+    for k, r in enumerate(ex.map(recorded.square, range(N))):
         results.append(r)
         if k + 1 == CUT_AFTER:
             # The switch's port of n2 down: n2 is cut off, its workers live on.
@@ -223,22 +211,19 @@ with SulisDaskExecutor() as ex:
             cut = time.monotonic()
             print(f"CUT n2 after {CUT_AFTER} results", flush=True)
     map_seconds = time.monotonic() - cut
+    deadline = time.monotonic() + 30
+    while ex.num_workers > workers_before - 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     still_works = ex.submit(pow, 7, 2).result(timeout=60)
     after = sorted(set(ex.client.run(lambda: os.environ.get("SLURMD_NODENAME")).values()))
     workers_after = ex.num_workers
     print("MAPPED " + json.dumps({"seconds": round(map_seconds, 1)}), flush=True)
 shutdown_seconds = time.monotonic() - cut - map_seconds
-
-executions = {}
-for line in LOG.read_text().splitlines():
-    i, node = line.split()
-    executions.setdefault(int(i), []).append(node)
 print("RESULT " + json.dumps(dict(
     workers_before=workers_before, nodes_before=nodes_before, workers_after=workers_after,
     nodes_after=after, still_works=still_works, ok=results == [i * i for i in range(N)],
-    n_results=len(results), executed=sorted(executions) == list(range(N)),
-    reruns=sum(len(v) - 1 for v in executions.values()),
-    map_seconds=round(map_seconds, 1), shutdown_seconds=round(shutdown_seconds, 1))), flush=True)
+    n_results=len(results), **recorded.summary(N), map_seconds=round(map_seconds, 1),
+    shutdown_seconds=round(shutdown_seconds, 1))), flush=True)
 '''
 
 
