@@ -184,6 +184,7 @@ def test_srun_command_covers_the_allocation() -> None:
     assert "--ntasks=6" in command and "--nodes=3" in command
     assert "--cpus-per-task=2" in command
     assert "--overlap" in command and "--kill-on-bad-exit=0" in command
+    assert "--no-kill" in command  # a node SLURM declares failed ends only its workers
     assert "--input=all" in command  # the greeting, secrets included, reaches every task
     assert command[-3:] == ["python", "-m", "w"]
 

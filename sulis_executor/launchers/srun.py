@@ -9,7 +9,9 @@ run next to the first node's workers.
 The step is started with ``--overlap`` so that it can share the allocation
 with the batch step and with any ``srun`` the user's own script runs later,
 and with ``--kill-on-bad-exit=0`` so that one worker dying (e.g. a task that
-segfaults) does not take the others down with it.
+segfaults) does not take the others down with it, and ``--no-kill`` so that
+neither does a node SLURM declares failed (in a job submitted with
+``--no-kill``; otherwise SLURM ends the whole job).
 
 SIGTERM (``scancel``, the job reaching its time limit, ``timeout``, ``kill``)
 would end the script at once by default, skipping ``finally`` blocks, the
@@ -84,6 +86,9 @@ def srun_command(
         "--overlap",
         # One dead worker must not end the others; the executor copes.
         "--kill-on-bad-exit=0",
+        # Nor one lost node (in a job submitted with --no-kill; otherwise
+        # SLURM ends the whole job): SLURM would end every task of the step.
+        "--no-kill",
         "--export=ALL",
         # What we write to srun's standard input reaches every task's: the
         # scheduler's address and the job's secrets (see SrunLauncher.start).

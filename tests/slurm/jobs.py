@@ -60,7 +60,8 @@ def slurm_command(slurm_conf: str, *command: str) -> list[str]:
     """A SLURM client command (sbatch, squeue, scontrol, scancel, srun) as
     run from the test cluster's login node: the root namespace, where the
     tests run, has no address on the cluster's network."""
-    return in_netns(cluster_network(slurm_conf)["SULIS_SLURM_LOGIN_NETNS"], list(command))
+    return in_netns(cluster_network(slurm_conf)["SULIS_SLURM_LOGIN_NETNS"],
+                    ["env", f"SLURM_CONF={slurm_conf}", *command])
 
 
 def node_namespace(slurm_conf: str, node: str) -> str:

@@ -32,7 +32,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import textwrap
 import time
 
@@ -44,8 +43,8 @@ from tests.slurm.jobs import (
     finished_cleanly,
     poll_job,
     result_line,
-    shape,
     scancel,
+    shape,
     submit,
     wait_for_job,
     wait_for_mpi_job,

@@ -10,17 +10,21 @@ own and the nodes meet only over the cluster's bridge.
   can never reach a scheduler on n1's loopback; on one node ``lo`` works.
 * A network partition: n2's link to the bridge is cut (``ip link set v-n2
   down`` in the switch's namespace) mid-map. The map must not hang: every
-  result arrives, once each, in order (the calls lost on n2 run elsewhere),
-  the executor goes on with the other nodes, and the script ends. The job
-  is submitted with ``--no-kill`` so that SLURM, which marks n2 down after
-  ``SlurmdTimeout``, does not end the job itself: what is tested is the
-  executor. The link is restored once the script has reported, and n2 is
-  back in service before the next test.
+  result arrives, in order (the calls lost on n2 run elsewhere), the
+  executor goes on with the other nodes, and the script ends. The job is
+  submitted with ``--no-kill`` so that SLURM, which declares n2 failed after
+  ``SlurmdTimeout`` (30 s here), does not end the job itself; the worker
+  step has ``--no-kill`` too, or SLURM would then end every worker of the
+  step, on every node, and the map fail as a broken pool
+  (``BrokenSulisExecutor``, promptly: in 3 of 6 runs before the step had
+  it, when SLURM came before Dask dropped n2's workers). Dask drops each of n2's workers when its connection times out
+  (``distributed.comm.timeouts.tcp``, 30 s: about 30 and 60 s after the
+  cut, as seen). The link is restored once the script has reported, and n2
+  is back in service before the next test.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -39,8 +43,8 @@ from tests.slurm.jobs import (
     node_namespace,
     poll_job,
     result_line,
-    shape,
     set_link,
+    shape,
     slurm_command,
     submit,
     wait_for_job,
@@ -229,7 +233,6 @@ print("RESULT " + json.dumps(dict(
 
 def node_state(slurm_conf: str, node: str) -> str:
     result = subprocess.run(slurm_command(slurm_conf, "sinfo", "-h", "-n", node, "-o", "%t"),
-                            env=dict(os.environ, SLURM_CONF=slurm_conf),
                             capture_output=True, text=True, timeout=30)
     return result.stdout.strip()
 
@@ -259,7 +262,7 @@ def test_a_partitioned_node_loses_no_result_and_hangs_nothing(
         assert r["still_works"] == 49, job.describe()
         assert r["nodes_after"] == ["n1", "n3"] and r["workers_after"] == 4, job.describe()
         # Within a deadline: no hang on the lost node's calls, nor at shutdown.
-        assert r["map_seconds"] < 90, job.describe()  # type: ignore[operator]
+        assert r["map_seconds"] < 120, job.describe()  # type: ignore[operator]
         assert r["shutdown_seconds"] < 60, job.describe()  # type: ignore[operator]
         assert job.state == "COMPLETED" and job.exit_code == "0:0", job.describe()
         assert "Traceback" not in job.text(), job.describe()
