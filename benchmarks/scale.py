@@ -244,16 +244,18 @@ def run_srun(nodes: int, cpus: int, sizes: dict[str, float], timeout: float, wor
     conf = re.search(r"export SLURM_CONF=(\S+)", started.stdout).group(1)  # type: ignore[union-attr]
     marker = uuid.uuid4().hex
     env = {k: v for k, v in cluster.items() if not k.startswith("SLURM_")}
+    # Every node of the test cluster has a network of its own: eth0.
     env.update(SLURM_CONF=conf, PYTHONPATH=str(ROOT), **{MARKER_VARIABLE: marker},
-               SULIS_EXECUTOR_INTERFACE=os.environ.get("SULIS_EXECUTOR_INTERFACE", "lo"))
+               SULIS_EXECUTOR_INTERFACE=os.environ.get("SULIS_EXECUTOR_INTERFACE", "eth0"))
     workdir.mkdir(parents=True, exist_ok=True)
     script = workdir / f"scale-{nodes}x{cpus}.sbatch"
     script.write_text(JOB.format(python=sys.executable, sizes=json.dumps(sizes)))
     out, err = workdir / f"scale-{nodes}x{cpus}.out", workdir / f"scale-{nodes}x{cpus}.err"
     try:
         job = subprocess.run(
-            ["sbatch", "--parsable", "--wait", f"--nodes={nodes}", f"--ntasks-per-node={cpus}",
-             "--cpus-per-task=1", "--mem-per-cpu=600", f"--output={out}", f"--error={err}",
+            # In the test cluster's login namespace (see cluster.sh).
+            ["bash", str(CLUSTER_SH), "run", "sbatch", "--parsable", "--wait", f"--nodes={nodes}",
+             f"--ntasks-per-node={cpus}", "--cpus-per-task=1", "--mem-per-cpu=600", f"--output={out}", f"--error={err}",
              f"--chdir={ROOT}", f"--time={max(2, int(timeout // 60) + 1)}", str(script)],
             env=env, capture_output=True, text=True, timeout=timeout,
         )

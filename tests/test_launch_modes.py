@@ -21,7 +21,7 @@ import pytest
 from sulis_executor.config import LAUNCH_MODES, resolve_options
 from sulis_executor.errors import ClusterStartupTimeout
 from sulis_executor.launchers import choose_launch_mode, make_launcher, mpi_world_size
-from sulis_executor.launchers._network import scheduler_host, validate_interface
+from sulis_executor.launchers._network import require_reachable, scheduler_host, validate_interface
 from sulis_executor.launchers.base import Launcher
 from sulis_executor.launchers.scheduler_file import (
     SchedulerFileLauncher,
@@ -185,6 +185,7 @@ def test_srun_command_covers_the_allocation() -> None:
     assert "--ntasks=3" in command and "--nodes=3" in command and "--ntasks-per-node=1" in command
     assert "--cpus-per-task=4" in command
     assert "--overlap" in command and "--kill-on-bad-exit=0" in command
+    assert "--no-kill" in command  # a node SLURM declares failed ends only its workers
     assert "--input=all" in command  # the greeting, secrets included, reaches every task
     assert command[-3:] == ["python", "-m", "w"]
 
@@ -233,6 +234,27 @@ def test_worker_name_template_missing_variable() -> None:
 def test_loopback_interface_is_valid() -> None:
     assert validate_interface("lo") == "127.0.0.1"
     assert scheduler_host("lo") == "127.0.0.1"
+
+
+def test_loopback_is_refused_when_workers_run_on_other_nodes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURMD_NODENAME", "n1")
+    with pytest.raises(ValueError) as info:
+        require_reachable("127.0.0.1", "lo", ("n1", "n2", "n3"))
+    message = str(info.value)
+    assert "'lo'" in message and "loopback address 127.0.0.1" in message
+    assert "(n2, n3)" in message and "SULIS_EXECUTOR_INTERFACE" in message
+    assert "lo (127.0.0.1)" in message  # this node's interfaces, to choose from
+    with pytest.raises(ValueError, match="no interface is named"):
+        require_reachable("127.0.0.1", None, ("n1", "n2"))
+
+
+def test_loopback_is_fine_on_one_node_and_other_addresses_anywhere(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURMD_NODENAME", "n1")
+    require_reachable("127.0.0.1", "lo", ("n1",))
+    require_reachable("10.77.0.11", "eth0", ("n1", "n2", "n3"))
+    require_reachable("node001", None, ("n1", "n2"))
 
 
 def test_unknown_interface_lists_the_available_ones() -> None:

@@ -14,10 +14,13 @@ alone (:data:`HTTP_HOST`, :data:`HEALTH_ROUTES`), not Dask's info pages
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import socket
+from collections.abc import Sequence
 
-__all__ = ["HEALTH_ROUTES", "HTTP_HOST", "interface_addresses", "scheduler_host",
-           "validate_interface"]
+__all__ = ["HEALTH_ROUTES", "HTTP_HOST", "interface_addresses", "require_reachable",
+           "scheduler_host", "validate_interface"]
 
 #: Where the HTTP servers of the scheduler (dashboard off) and of the workers
 #: listen, whatever address the comms bind: nothing on another node needs
@@ -79,3 +82,37 @@ def scheduler_host(interface: str | None) -> str:
     from distributed.utils import get_ip
 
     return get_ip()
+
+
+def require_reachable(host: str, interface: str | None, nodes: Sequence[str]) -> None:
+    """Refuse a loopback scheduler address when workers run on other nodes.
+
+    Each node's loopback is its own: a worker on another node that dials
+    ``127.0.0.1`` reaches its own node, where no scheduler listens, and
+    retries until it times out, so the executor would only fail at its
+    start-up timeout with workers missing. ``nodes`` are the nodes the
+    workers run on (this one among them, or not: a ``salloc`` shell runs on
+    the login node); with this node alone, loopback is fine. Raises
+    ``ValueError`` naming the interface and the way out.
+    """
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return  # a host name: nothing to tell
+    here = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    others = [node for node in dict.fromkeys(nodes) if node != here]
+    if not loopback or not others:
+        return
+    shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    if interface:
+        chosen = f"network interface {interface!r} (interface= or SULIS_EXECUTOR_INTERFACE) has"
+    else:
+        chosen = "no interface is named (interface= or SULIS_EXECUTOR_INTERFACE), and this node's"
+        chosen += " default address is"
+    raise ValueError(
+        f"{chosen} the loopback address {host}: a scheduler bound there on {here} cannot be "
+        f"reached by the workers on the job's other nodes ({shown}), since every node's "
+        "loopback is its own, so they would never connect. Set interface= (or "
+        "SULIS_EXECUTOR_INTERFACE) to an interface on the network the nodes share (on Sulis, "
+        f"ib0); interfaces on {here}: {_describe(interface_addresses())}"
+    )

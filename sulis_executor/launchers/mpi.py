@@ -37,7 +37,7 @@ from typing import Any
 
 from ..config import ExecutorOptions
 from ..slurm import SlurmAllocation
-from ._network import scheduler_host
+from ._network import require_reachable, scheduler_host
 from ._resources import worker_flags
 from .base import Cluster, Launcher
 from .srun import min_workers_for
@@ -126,7 +126,11 @@ class MpiLauncher(Launcher):
 
         options = self._options
         try:
-            self._cluster = start_scheduler(options, self._security, scheduler_host(options.interface))
+            host = scheduler_host(options.interface)
+            allocation = _allocation()
+            if allocation is not None:  # the ranks' nodes, when SLURM started them
+                require_reachable(host, options.interface, allocation.nodes)
+            self._cluster = start_scheduler(options, self._security, host)
             from .._security import credentials_of, process_authkey
 
             # multiprocessing's key, for Manager proxies passed to calls.

@@ -11,7 +11,9 @@ script: they are light, and run next to the first node's members.
 The step is started with ``--overlap`` so that it can share the allocation
 with the batch step and with any ``srun`` the user's own script runs later,
 and with ``--kill-on-bad-exit=0`` so that one worker dying (e.g. a task that
-segfaults) does not take the others down with it.
+segfaults) does not take the others down with it, and ``--no-kill`` so that
+neither does a node SLURM declares failed (in a job submitted with
+``--no-kill``; otherwise SLURM ends the whole job).
 
 SIGTERM (``scancel``, the job reaching its time limit, ``timeout``, ``kill``)
 would end the script at once by default, skipping ``finally`` blocks, the
@@ -50,7 +52,7 @@ from .._signals import leave_signals_to_main_thread
 from ..config import ExecutorOptions
 from ..errors import ClusterStartupTimeout
 from ..slurm import SlurmAllocation
-from ._network import scheduler_host
+from ._network import require_reachable, scheduler_host
 from ._processes import SIGNALLED_GRACE, pythonpath_env
 from ._resources import worker_flags, worker_threads
 from .base import Cluster, Launcher
@@ -93,6 +95,9 @@ def srun_command(
         "--overlap",
         # One dead worker must not end the others; the executor copes.
         "--kill-on-bad-exit=0",
+        # Nor one lost node (in a job submitted with --no-kill; otherwise
+        # SLURM ends the whole job): SLURM would end every task of the step.
+        "--no-kill",
         "--export=ALL",
         # What we write to srun's standard input reaches every task's: the
         # scheduler's address and the job's secrets (see SrunLauncher.start).
@@ -243,7 +248,10 @@ class SrunLauncher(Launcher):
 
         deadline = time.monotonic() + timeout
         options = self._options
-        host = scheduler_host(options.interface)  # a bad interface fails before any step
+        # A bad interface fails before any step: an unknown one, or loopback
+        # when workers run on other nodes.
+        host = scheduler_host(options.interface)
+        require_reachable(host, options.interface, self.allocation.nodes)
         self._install_sigterm_handler()
         _open_launchers.add(self)
         # Workers first: launching the step and importing Dask on every node

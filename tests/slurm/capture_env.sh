@@ -13,6 +13,11 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=$(realpath -m "${1:-$HERE/../data/slurm_env}")
 eval "$("$HERE/cluster.sh" start)"
+# Submit from the cluster's login node (its network namespace), as a user
+# would: the rest of this script runs there.
+if [[ -z ${SULIS_CAPTURE_IN_LOGIN:-} ]]; then
+    SULIS_CAPTURE_IN_LOGIN=1 exec "$HERE/cluster.sh" run bash "$0" "$@"
+fi
 
 # Don't leak a surrounding job's SLURM_* variables into the new jobs (srun and
 # sbatch read many of them as defaults); keep only our SLURM_CONF.

@@ -1,9 +1,13 @@
 """Fixtures for tests that run real jobs on the local SLURM test cluster.
 
-The cluster (3 nodes n1..n3, 4 CPUs and 6000 MB each, one machine) is started
-once per session by ``tests/slurm/cluster.sh start``; the first start may
-install slurm-wlm and munge with apt, hence the long deadline. These tests
-never skip: in CI a skip would hide a broken launch mode.
+The cluster (3 nodes n1..n3, 4 CPUs and 6000 MB each, one machine; each
+node, and slurmctld, in a network namespace of its own, on a private bridge)
+is started once per session by ``tests/slurm/cluster.sh start``; the first
+start may install slurm-wlm and munge with apt, hence the long deadline.
+SLURM commands run in the cluster's login namespace
+(:func:`tests.slurm.jobs.slurm_command`): this process, in the root
+namespace, has no address on the cluster's network. These tests never skip:
+in CI a skip would hide a broken launch mode.
 
 The root conftest strips ``SLURM_*`` and friends from ``os.environ`` for each
 test, so every SLURM command gets its environment from

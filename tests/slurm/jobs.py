@@ -23,14 +23,64 @@ CLUSTER_SH = REPO / "tests" / "slurm" / "cluster.sh"
 #: A small job for every mode: 3 nodes x 2 tasks, 1 CPU each (6 of the 12).
 JOB_SHAPE = ("--nodes=3", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem-per-cpu=500")
 
+
+def shape(nodes: int, tasks_per_node: int) -> tuple[str, ...]:
+    """sbatch options for ``nodes`` x ``tasks_per_node`` tasks of 1 CPU each."""
+    return (f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1",
+            "--mem-per-cpu=500")
+
+
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL",
                 "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}
 
 
+#: Every node's interface on the test cluster's network (see cluster.sh).
+NODE_INTERFACE = "eth0"
+
+
+def cluster_network(slurm_conf: str) -> dict[str, str]:
+    """The test cluster's network namespaces, as ``cluster.sh start`` wrote
+    them next to ``slurm.conf`` (``SULIS_SLURM_LOGIN_NETNS`` and friends)."""
+    path = Path(slurm_conf).parent / "netns.env"
+    found = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.startswith("#"):
+            found[key.strip()] = value.strip()
+    return found
+
+
+def in_netns(namespace: str, command: list[str]) -> list[str]:
+    """``command`` run in network namespace ``namespace`` (and nothing else:
+    the same mounts, PIDs, files)."""
+    return ["nsenter", f"--net=/run/netns/{namespace}", *command]
+
+
+def slurm_command(slurm_conf: str, *command: str) -> list[str]:
+    """A SLURM client command (sbatch, squeue, scontrol, scancel, srun) as
+    run from the test cluster's login node: the root namespace, where the
+    tests run, has no address on the cluster's network."""
+    return in_netns(cluster_network(slurm_conf)["SULIS_SLURM_LOGIN_NETNS"],
+                    ["env", f"SLURM_CONF={slurm_conf}", *command])
+
+
+def node_namespace(slurm_conf: str, node: str) -> str:
+    """The network namespace of node ``node`` (``n1``...)."""
+    return f"{cluster_network(slurm_conf)['SULIS_SLURM_NETNS_PREFIX']}-{node}"
+
+
+def set_link(slurm_conf: str, node: str, state: str) -> None:
+    """``up`` or ``down``: the switch's port of ``node`` (a network partition)."""
+    switch = cluster_network(slurm_conf)["SULIS_SLURM_SWITCH_NETNS"]
+    subprocess.run(["ip", "-n", switch, "link", "set", f"v-{node}", state],
+                   check=True, capture_output=True, timeout=30)
+
+
 def job_env(slurm_conf: str, marker: str, **extra: str) -> dict[str, str]:
     """The environment for sbatch: ours (already stripped of SLURM_* by the
-    root conftest), this repository importable, Dask on loopback, and a
-    unique marker every process of the job inherits (see :func:`job_processes`)."""
+    root conftest), this repository importable, Dask on each node's own
+    interface (:data:`NODE_INTERFACE`), and a unique marker every process of
+    the job inherits (see :func:`job_processes`)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI_"))}
     paths = [str(REPO), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env.update(
@@ -38,7 +88,7 @@ def job_env(slurm_conf: str, marker: str, **extra: str) -> dict[str, str]:
         PYTHONPATH=os.pathsep.join(paths),
         PYTHON=sys.executable,
         EXAMPLES_DIR=str(EXAMPLES),
-        SULIS_EXECUTOR_INTERFACE="lo",
+        SULIS_EXECUTOR_INTERFACE=NODE_INTERFACE,
         SULIS_TEST_MARKER=marker,
         PYTHONUNBUFFERED="1",
         # MPICH's OFI netmod over TCP, not UCX: UCX's business cards, which
@@ -96,8 +146,8 @@ def submit(script: Path, tmp_path: Path, slurm_conf: str, *options: str,
     job_environ = job_env(slurm_conf, marker, **dict(env or {}))
     output = tmp_path / output_name
     result = subprocess.run(
-        ["sbatch", "--parsable", f"--output={output}", f"--chdir={tmp_path}",
-         f"--job-name={marker}", *options, str(script)],
+        slurm_command(slurm_conf, "sbatch", "--parsable", f"--output={output}",
+                      f"--chdir={tmp_path}", f"--job-name={marker}", *options, str(script)),
         cwd=EXAMPLES, env=job_environ, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, f"sbatch failed: {result.stderr}"
@@ -105,9 +155,14 @@ def submit(script: Path, tmp_path: Path, slurm_conf: str, *options: str,
                resubmit_args=(script, tmp_path, slurm_conf, options, dict(env or {})))
 
 
+def scancel(job: Job, *options: str, check: bool = False) -> None:
+    subprocess.run(slurm_command(job.env["SLURM_CONF"], "scancel", *options, job.job_id),
+                   env=job.env, timeout=30, check=check)
+
+
 def scontrol_fields(job_id: str, env: Mapping[str, str]) -> dict[str, str]:
-    result = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=dict(env),
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(slurm_command(env["SLURM_CONF"], "scontrol", "-o", "show", "job", job_id),
+                            env=dict(env), capture_output=True, text=True, timeout=30)
     fields: dict[str, str] = {}
     for item in result.stdout.split():
         key, sep, value = item.partition("=")
@@ -127,7 +182,7 @@ def poll_job(job: Job, check: Callable[[], T | None], what: str, timeout: float,
         if found is not None:
             return found
         if time.monotonic() > deadline:
-            subprocess.run(["scancel", job.job_id], env=job.env, timeout=30, check=False)
+            scancel(job)
             raise AssertionError(f"{what} within {timeout:g} s; cancelled the job.\n{job.describe()}")
         time.sleep(interval)
 

@@ -32,7 +32,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import textwrap
 import time
 
@@ -44,17 +43,14 @@ from tests.slurm.jobs import (
     finished_cleanly,
     poll_job,
     result_line,
+    scancel,
+    shape,
     submit,
     wait_for_job,
     wait_for_mpi_job,
 )
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
-
-
-def shape(nodes: int, tasks_per_node: int) -> tuple[str, ...]:
-    return (f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1",
-            "--mem-per-cpu=500")
 
 
 #: Polls squeue until our worker step is gone (at most 20 s) and prints how
@@ -74,8 +70,8 @@ steps_gone() {
 
 NODE_LOSS = '''
 import os, signal, time
-from pathlib import Path
 from _common import report
+from tests.slurm import recorded
 from distributed import Client
 from distributed.security import Security
 from sulis_executor import SulisDaskExecutor
@@ -89,15 +85,6 @@ def refusal(address, security):
     client.close()
     return {"refused": None}
 
-LOG = Path("executions.log").resolve()
-
-def work(i):
-    # One line per execution: Dask may run again a task whose worker died.
-    with open(LOG, "a") as f:
-        f.write(f"{i} {os.environ.get('SLURMD_NODENAME')}\\n")
-    time.sleep(0.03)
-    return i * i
-
 N, KILL_AFTER = 300, 30
 with SulisDaskExecutor() as ex:
     address = ex.client.scheduler.address
@@ -109,7 +96,7 @@ with SulisDaskExecutor() as ex:
     victims = sorted(pid for node, pid in where.values() if node == "n2")
     workers_before = ex.num_workers
     results = []
-    for k, r in enumerate(ex.map(work, range(N))):
+    for k, r in enumerate(ex.map(recorded.square, range(N))):
         results.append(r)
         if k + 1 == KILL_AFTER:
             for pid in victims:
@@ -122,15 +109,10 @@ with SulisDaskExecutor() as ex:
     still_works = ex.submit(pow, 7, 2).result(timeout=30)
     workers_after = ex.num_workers
 
-executions = {}
-for line in LOG.read_text().splitlines():
-    i, node = line.split()
-    executions.setdefault(int(i), []).append(node)
 report(tls=tls, tcp=tcp, address=address, victims=victims, workers_before=workers_before,
        workers_after=workers_after, nodes_after=after, still_works=still_works,
        ok=results == [i * i for i in range(N)], n_results=len(results),
-       executed=sorted(executions) == list(range(N)),
-       reruns=sum(len(v) - 1 for v in executions.values()))
+       **recorded.summary(N))
 '''
 
 # -- srun mode: the script raises after creating the executor -----------------
@@ -349,7 +331,7 @@ def test_scancel_of_a_running_job_leaves_nothing(submitted: dict[str, Job]) -> N
     job = submitted["scancel"]
     wait_for_line(job, r"^READY ", timeout=150)
     cancelled = time.monotonic()
-    subprocess.run(["scancel", job.job_id], env=job.env, timeout=30, check=True)
+    scancel(job, check=True)
     wait_for_job(job, timeout=60)
     assert job.state == "CANCELLED", job.describe()
     assert time.monotonic() - cancelled < 30, job.describe()

@@ -8,12 +8,12 @@ every worker) and every process on this machine whose environment holds the
 job's secrets (all the test cluster's "nodes" are this machine, so that is
 ``srun``, ``slurmstepd`` and every worker too).
 
-The test cluster's daemons run in this machine's network namespace, so the
-comms bind ``lo`` here, like every test's, and the listening-socket check
-cannot tell "on loopback" from "where the comms are" yet: it holds for
-anything (``tests/test_open_ports.py`` makes that check on a non-loopback
-address for the local and MPI modes). On a cluster whose nodes have
-addresses of their own it is the real check.
+Every node of the test cluster has a network namespace of its own, and the
+comms bind its ``eth0`` (``SULIS_EXECUTOR_INTERFACE``, see
+``tests/slurm/jobs.py``): an address on the cluster network, 10.77.0.x, not
+loopback, so "on loopback" and "where the comms are" differ, as on a real
+cluster. The probe reads each process's sockets from ``/proc/PID/net/*``,
+which shows that process's own network namespace (its node's).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.open_ports_probe import open_doors
+from tests.open_ports_probe import host_port, open_doors
 from tests.slurm.jobs import REPO, finished_cleanly, submit
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
@@ -60,5 +60,9 @@ def test_srun_mode_leaves_no_secret_in_any_environment(report: dict[str, object]
 
 def test_srun_mode_listens_only_on_tls_comm_ports_and_loopback(report: dict[str, object]) -> None:
     assert all(address.startswith("tls://") for address in report["comms"])  # type: ignore[attr-defined]
+    # The comms are on the nodes' own addresses (n1's, n2's), not loopback:
+    # the check below is a real one.
+    hosts = {host_port(address)[0] for address in report["comms"]}  # type: ignore[attr-defined]
+    assert hosts == {"10.77.0.11", "10.77.0.12"}, report["comms"]
     assert any(srun_is_slurms(p["cmdline"]) for p in report["processes"].values())  # type: ignore[attr-defined]
     assert open_doors(report, not_ours=srun_is_slurms) == []

@@ -7,7 +7,7 @@ started by the batch script and found through a scheduler file
 (``dask_file.slurm``, ``dask_file_init.py``), and the plain
 ``concurrent.futures`` script it extends (``example_futures.py``, from the
 single-node page). ``sulis_page/`` holds each, as printed but for the
-network interface (``lo`` for ``ib0``), in two forms:
+network interface (``eth0``, the test cluster's nodes', for ``ib0``), in two forms:
 
 * ``*.minimal.py``: the smallest change a user would make to use the
   executor, keeping the rest (dask-mpi's ``initialize()``, their own

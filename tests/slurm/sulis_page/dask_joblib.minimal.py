@@ -25,7 +25,7 @@ if __name__ == '__main__':
     mem = str(int(mem)*p)+'MB'
 
     # Initialise Dask cluster and client interface
-    initialize(interface = 'lo', nthreads=p, local_directory='/tmp', memory_limit=mem)  # was: 'ib0'
+    initialize(interface = 'eth0', nthreads=p, local_directory='/tmp', memory_limit=mem)  # was: 'ib0'
     executor = SulisDaskExecutor()  # was: client = Client()
 
     # We expect SLURM_NTASKS-2 workers
