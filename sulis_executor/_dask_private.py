@@ -295,3 +295,36 @@ def set_current_worker(worker: Any) -> bool:
         raise _missing("distributed.worker._worker_cvar")
     cvar.set(worker)
     return True
+
+
+def keep_signals_out_of_gc() -> None:
+    """Make Dask's GC diagnosis (a Python callback in ``gc.callbacks``, put
+    there by every scheduler and worker of the process) run no Python code.
+
+    A signal's Python handler runs at whatever Python code comes next, and
+    code run by the garbage collector cannot raise: a Ctrl-C whose
+    ``KeyboardInterrupt`` was raised there was printed ("Exception ignored
+    in ... _gc_callback") and lost, and the script waited in
+    ``future.result()`` for ever (about 1 run in 4 of the Ctrl-C test).
+    The diagnosis only logs slow collections, which the executor silences.
+    The callback becomes a C function that does nothing, under Dask's own
+    bookkeeping, so Dask's enable/disable still pair up.
+    """
+    import gc
+    import operator
+
+    from distributed import gc as dask_gc
+
+    diagnosis = getattr(dask_gc, "_gc_diagnosis", None)
+    lock = getattr(dask_gc, "_gc_diagnosis_lock", None)
+    if diagnosis is None or lock is None:
+        return
+    with lock:
+        callback = diagnosis._gc_callback
+        if callback is operator.is_:
+            return
+        # Called as callback(phase, info): operator.is_ takes any two
+        # arguments, runs no Python code, and cannot fail.
+        if callback in gc.callbacks:
+            gc.callbacks[gc.callbacks.index(callback)] = operator.is_
+        diagnosis._gc_callback = operator.is_

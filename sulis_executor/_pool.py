@@ -144,6 +144,10 @@ def serve(path: str, token: str, max_tasks: int | None = None,
             message = conn.recv()
         except (EOFError, OSError):
             return 0  # the agent is closing, or gone
+        except KeyboardInterrupt:
+            # A terminal's Ctrl-C reaches every process of the job: the
+            # script reports it; a member waiting for work just leaves.
+            return 0
         if message[-1] is not None:
             _remote.set_member_initializer(*pickle.loads(message[-1]))
         if not installed:

@@ -181,7 +181,7 @@ def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -
         # again; the executor bounds what it keeps on the cluster itself.
         "distributed.scheduler.active-memory-manager.start": False,
     }):
-        return LocalCluster(
+        cluster = LocalCluster(
             n_workers=0,
             processes=True,
             scheduler_port=0,
@@ -192,3 +192,6 @@ def start_scheduler(options: ExecutorOptions, security: Any, host: str | None) -
             scheduler_kwargs=scheduler_kwargs,
             **bind,
         )
+    # Ctrl-C must reach the user's code: see _dask_private.keep_signals_out_of_gc.
+    _dask_private.keep_signals_out_of_gc()
+    return cluster
