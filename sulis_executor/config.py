@@ -211,6 +211,9 @@ OPTIONS: dict[str, Option] = {
                "Workers to wait for at start: a count, or a fraction of those expected."),
         Option("timeout", 60.0, _parse_seconds,
                "Deadline in seconds for the cluster to start or be found."),
+        Option("walltime_margin", 60.0, _parse_seconds,
+               "In a SLURM job: seconds before the time limit (plus the calls' measured "
+               "duration) after which no call starts; those left fail with WalltimeExceeded."),
         Option("dashboard", None, _parse_dashboard,
                "Dashboard address; off by default, True binds localhost on a random port."),
         Option("verbose", False, _parse_bool,
@@ -238,6 +241,7 @@ class ExecutorOptions:
     local_directory: str | None = None
     wait_for_workers: float | int | None = None
     timeout: float = 60.0
+    walltime_margin: float = 60.0
     dashboard: str | None = None
     verbose: bool = False
     security: Any = True

@@ -56,6 +56,7 @@ from ._quiet import silence_dask_logs
 from ._security import DeferredSecurity
 from ._signals import leave_signals_to_main_thread
 from ._versions import check_workers, raise_if_refused
+from ._walltime import Walltime, install_signal_handler, job_end_time, register
 from .config import ExecutorOptions, resolve_options
 from .errors import BrokenSulisExecutor, ClusterStartupTimeout, UnpicklableError
 from .launchers import choose_launch_mode, make_launcher
@@ -371,7 +372,12 @@ class SulisDaskExecutor(Executor):
                 f"fixed. Unset it ({source}), or use launch='local'"
             )
         self._launcher = make_launcher(self._mode, self._options, self._job_security(), existing)
+        # In a SLURM job: no call starts too near the time limit, or after
+        # SIGUSR1 (see _walltime).
+        self._walltime = Walltime(job_end_time(os.environ), self._options.walltime_margin)
+        install_signal_handler(os.environ)
         self._engine = self._start(initializer, tuple(initargs))
+        register(self._engine)
         self._lifetime = _Lifetime(self._engine)
         # Collected without shutdown(), the executor only lets go: its work
         # still finishes, and the cluster closes after (see _Lifetime).
@@ -424,7 +430,8 @@ class SulisDaskExecutor(Executor):
             engine = Engine(client, launcher, token, initializer is not None,
                             cluster.workers_reachable, cluster.shared_directory,
                             one_call_per_task=self._options.max_tasks_per_child is not None,
-                            scheduler=in_process_scheduler(cluster.target))
+                            scheduler=in_process_scheduler(cluster.target),
+                            walltime=self._walltime)
             try:
                 if cluster.expected_members:
                     self._wait_for_members(engine, cluster, deadline)
