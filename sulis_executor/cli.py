@@ -73,7 +73,8 @@ def _template(args: argparse.Namespace) -> int:
         account=args.account, partition=args.partition, job_name=args.job_name,
     )
     try:
-        text = render_template(args.mode, args.script, resources, args.script_args)
+        text = render_template(args.mode, args.script, resources, args.script_args,
+                               resumable=args.resumable)
     except ValueError as error:
         return _fail("template", error)
     if args.output in (None, "-"):
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     template.add_argument("script_args", nargs="*", metavar="ARG", help="arguments for SCRIPT")
     template.add_argument("-o", "--output", metavar="FILE",
                           help="write the script to FILE (made executable) instead of stdout")
+    template.add_argument("--resumable", action="store_true",
+                          help="srun mode: SIGUSR1 120 s before the limit, --requeue, exec "
+                               "python, and the resume journal (README, 'Long runs')")
     resources = template.add_argument_group("resources (become #SBATCH lines)")
     resources.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     resources.add_argument("--ntasks-per-node", type=int, default=4,
