@@ -231,8 +231,11 @@ class Engine:
         """Fail every queued call with WalltimeExceeded: none will start."""
         calls = [call for call in self._queue.drain() if not call.future.cancelled()]
         self._unstarted_calls += sum(_items(call) for call in calls)
+        running = sum(_items(call) for batch in [*self._tasks.batches(), *(
+            self._agents.batches() if self._agents is not None else [])] for call in batch.calls)
         message = (f"{reason}: this call was not started. {self._finished_calls} calls finished "
-                   f"in this executor and {self._unstarted_calls} were not started; save the "
+                   f"in this executor, {running} were running and {self._unstarted_calls} were "
+                   f"not started; save the "
                    f"results you have and end the script (a resumed job can run the rest)")
         for call in calls:
             call.set(WalltimeExceeded(message), error=True)

@@ -77,7 +77,7 @@ def test_map_past_the_time_limit_ends_cleanly(slurm_conf: str, tmp_path: Path) -
     assert 0 < int(result["finished"]) < 240, job.describe()  # type: ignore[call-overload]
     error = str(result["error"])
     assert error.startswith("WalltimeExceeded: the job's time limit is near"), job.describe()
-    assert "calls finished" in error and "were not started" in error, job.describe()
+    assert "calls finished" in error and "were running and" in error and "were not started" in error, job.describe()
     assert job.text().count("no more calls start") == 1, job.describe()
 
 
