@@ -374,9 +374,12 @@ class SulisDaskExecutor(Executor):
         self._launcher = make_launcher(self._mode, self._options, self._job_security(), existing)
         # In a SLURM job: no call starts too near the time limit, or after
         # SIGUSR1 (see _walltime).
-        self._walltime = Walltime(job_end_time(os.environ), self._options.walltime_margin)
+        self._walltime = Walltime(None, self._options.walltime_margin)
         install_signal_handler(os.environ)
         self._engine = self._start(initializer, tuple(initargs))
+        # Asked once started: an mpi mode's worker ranks never get here,
+        # so only rank 0 asks SLURM.
+        self._walltime.end = job_end_time(os.environ)
         register(self._engine)
         self._lifetime = _Lifetime(self._engine)
         # Collected without shutdown(), the executor only lets go: its work
