@@ -212,6 +212,21 @@ def clear(path: str) -> None:
         handle.write(MAGIC)
 
 
+_open_journals: dict[str, Journal] = {}
+_open_journals_lock = threading.Lock()
+
+
+def open_journal(path: str) -> Journal:
+    """The journal at ``path``, shared by the executors of this process
+    (one writer per file: a second executor on it must not append apart)."""
+    key = os.path.abspath(path)
+    with _open_journals_lock:
+        journal = _open_journals.get(key)
+        if journal is None or journal.closed:
+            journal = _open_journals[key] = Journal(key)
+        return journal
+
+
 class Journal:
     """One client's journal: what earlier runs recorded, and what this one
     adds, buffered and appended in batches (see the module docstring)."""
@@ -241,6 +256,10 @@ class Journal:
         self._end = end
         self.recorded = len(self._index)
         atexit.register(self.close)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def __len__(self) -> int:
         return len(self._index)

@@ -373,13 +373,13 @@ class SulisDaskExecutor(Executor):
             )
         # Opened first: a file that is not a journal fails before any process starts.
         self._journal = (None if self._options.journal is None
-                         else _journal.Journal(self._options.journal))
+                         else _journal.open_journal(self._options.journal))
         try:
             self._launcher = make_launcher(self._mode, self._options, self._job_security(), existing)
             self._engine = self._start(initializer, tuple(initargs))
         except BaseException:
             if self._journal is not None:
-                self._journal.close()
+                self._journal.flush()
             raise
         self._lifetime = _Lifetime(self._engine)
         # Collected without shutdown(), the executor only lets go: its work

@@ -295,3 +295,18 @@ def test_a_client_killed_mid_map_reruns_only_what_the_journal_lacks(tmp_path):
     assert_serial(results, stop)
     ran = executions(marks)
     assert len(ran) == len(set(ran)) == stop + 1 - recorded
+
+
+@pytest.mark.timeout(300)
+def test_executors_in_one_process_share_the_journal_and_read_after_shutdown_records(tmp_path):
+    path = tmp_path / "run.journal"
+    with SulisDaskExecutor(max_workers=1, journal=str(path)) as ex:
+        results = ex.map(pow, range(5), [2] * 5)
+    assert list(results) == [0, 1, 4, 9, 16]  # read after the with block: still recorded
+    with SulisDaskExecutor(max_workers=1, journal=str(path)) as one, \
+            SulisDaskExecutor(max_workers=1, journal=str(path)) as two:
+        assert one.submit(pow, 3, 2).done() and two.submit(pow, 4, 2).done()
+        assert one.submit(pow, 7, 2).result() == 49
+        assert two.submit(pow, 8, 2).result() == 64
+    _journal.open_journal(str(path)).flush()
+    assert _journal.inspect(str(path))[0] == 7
