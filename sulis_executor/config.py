@@ -221,6 +221,9 @@ OPTIONS: dict[str, Option] = {
         Option("security", True, _parse_security,
                "TLS with per-job credentials (True), plain TCP (False, unsafe on "
                "shared machines), or a distributed.Security object."),
+        Option("journal", None, _parse_optional_str,
+               "Resume journal: a file recording finished calls, so a rerun skips them "
+               "(off by default)."),
     )
 }
 
@@ -245,6 +248,7 @@ class ExecutorOptions:
     dashboard: str | None = None
     verbose: bool = False
     security: Any = True
+    journal: str | None = None
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
 
