@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._progress import progress as progress
+    from ._walltime import requeue as requeue
     from .errors import BrokenSulisExecutor as BrokenSulisExecutor
     from .errors import ClusterStartupTimeout as ClusterStartupTimeout
     from .errors import RemoteTraceback as RemoteTraceback
     from .errors import UnpicklableError as UnpicklableError
     from .errors import UnpicklingFailedError as UnpicklingFailedError
     from .errors import VersionMismatchError as VersionMismatchError
+    from .errors import WalltimeExceeded as WalltimeExceeded
     from .errors import WorkerDiedError as WorkerDiedError
     from .executor import SulisDaskExecutor as SulisDaskExecutor
 
@@ -32,8 +34,10 @@ _EXPORTS = {
     "UnpicklableError": ".errors",
     "UnpicklingFailedError": ".errors",
     "VersionMismatchError": ".errors",
+    "WalltimeExceeded": ".errors",
     "WorkerDiedError": ".errors",
     "progress": "._progress",
+    "requeue": "._walltime",
 }
 
 __all__ = sorted(_EXPORTS)

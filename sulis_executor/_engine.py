@@ -46,7 +46,8 @@ from ._packing import Packer
 from ._settle import deliver
 from ._shared import SharedBuffers
 from ._tasks import Fetched, TaskTransport, died_error
-from .errors import BrokenSulisExecutor, RemoteTraceback
+from ._walltime import Walltime
+from .errors import BrokenSulisExecutor, RemoteTraceback, WalltimeExceeded
 
 logger = logging.getLogger("sulis_executor")
 
@@ -86,8 +87,13 @@ class Engine:
     def __init__(self, client: Any, launcher: Any, token: str, has_initializer: bool,
                  direct_to_workers: bool = False, shared_directory: str | None = None,
                  one_call_per_task: bool = False,
-                 scheduler: Any = None) -> None:
+                 scheduler: Any = None, walltime: Walltime | None = None) -> None:
         self.client = client
+        # The job's time limit and SIGUSR1: when reached, queued calls fail
+        # with WalltimeExceeded instead of starting (see _walltime).
+        self._walltime = walltime
+        self._finished_calls = 0
+        self._unstarted_calls = 0
         self.launcher = launcher
         self.token = token
         self.has_initializer = has_initializer
@@ -202,6 +208,9 @@ class Engine:
             return  # the thread sending loops until no room or no work: it takes ours
         try:
             while self.broken is None and not self._closed:
+                if self._walltime is not None and self._queue and self._walltime.stopped():
+                    self._fail_unstarted(self._walltime.reason or "")
+                    break
                 room = self._per_thread * self.threads - self._in_flight()
                 groups = self._queue.take(room, lambda: self.threads) if room > 0 else []
                 if not groups:
@@ -213,6 +222,23 @@ class Engine:
         if (self._queue and self._in_flight() < self._per_thread * self._threads
                 and self.broken is None and not self._closed):
             self._pump()
+
+    def wake(self) -> None:
+        """Have the collector look at the queue (from a signal handler too)."""
+        self._notes.put(WAKE)
+
+    def _fail_unstarted(self, reason: str) -> None:
+        """Fail every queued call with WalltimeExceeded: none will start."""
+        calls = [call for call in self._queue.drain() if not call.future.cancelled()]
+        self._unstarted_calls += sum(_items(call) for call in calls)
+        running = sum(_items(call) for batch in [*self._tasks.batches(), *(
+            self._agents.batches() if self._agents is not None else [])] for call in batch.calls)
+        message = (f"{reason}: this call was not started. {self._finished_calls} calls finished "
+                   f"in this executor, {running} were running and {self._unstarted_calls} were "
+                   f"not started; save the "
+                   f"results you have and end the script (a resumed job can run the rest)")
+        for call in calls:
+            call.set(WalltimeExceeded(message), error=True)
 
     def _send(self, groups: list[list[Call]]) -> None:
         """Pickle each group of calls as one batch, and send it: to the
@@ -300,7 +326,12 @@ class Engine:
             self._withdraw(withdraw)
 
     def _settle(self, batch: Batch, payload: Any) -> None:
-        deliver(batch, payload, self._call_timing, self._broken_by_initializer)
+        items = sum(_items(call) for call in batch.calls)
+        seconds = deliver(batch, payload, self._call_timing, self._broken_by_initializer)
+        if seconds is not None:
+            self._finished_calls += items
+            if self._walltime is not None:
+                self._walltime.observe(seconds)
         self._shared.done(batch.shared_keys)
 
     def _drop(self, batch: Batch, error: BaseException) -> None:
@@ -414,3 +445,10 @@ class Engine:
             self.launcher.close(timeout=max(1.0, deadline - time.monotonic()))
         except Exception:
             logger.debug("error closing the cluster", exc_info=True)
+
+
+def _items(call: Call) -> int:
+    """How many of the user's calls ``call`` stands for (a map chunk: its items)."""
+    if call.kind == _remote.CHUNK and call.body is not None:
+        return len(call.body[1])
+    return 1

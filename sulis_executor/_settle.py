@@ -20,14 +20,15 @@ from ._calls import UNREADABLE_HERE, Batch, CallTiming, rebuild_exception, unpic
 
 
 def deliver(batch: Batch, payload: Any, call_timing: CallTiming,
-            broken: Callable[[str, str], BaseException]) -> None:
+            broken: Callable[[str, str], BaseException]) -> float | None:
     """Settle ``batch``'s futures with its result, or with the error that
     stands for it (``payload`` is then an exception). A worker whose
     initializer failed refuses the batch: ``broken(message, traceback)``
-    breaks the executor and gives the error its calls fail with."""
+    breaks the executor and gives the error its calls fail with. Returns
+    the seconds the batch took on its worker, or None if it did not run."""
     if isinstance(payload, BaseException):
         batch.settle(payload)
-        return
+        return None
     try:
         outcomes, seconds = read_outcomes(payload)
     except BaseException as error:  # noqa: BLE001 - not a payload of ours: a bug
@@ -35,7 +36,7 @@ def deliver(batch: Batch, payload: Any, call_timing: CallTiming,
     if outcomes[0][0] == _remote.BROKEN:
         _, message, tb = outcomes[0]
         batch.settle(broken(message, tb))
-        return
+        return None
     if len(outcomes) != len(batch.calls):
         # The batch as a whole could not be read: all its calls fail so.
         outcomes = outcomes[:1] * len(batch.calls)
@@ -51,6 +52,7 @@ def deliver(batch: Batch, payload: Any, call_timing: CallTiming,
             call.set(rebuild_exception(outcome[1], outcome[2]), error=True)
         else:
             call.set(unpickling_failed(call, outcome, batch.name), error=True)
+    return seconds
 
 
 def read_outcomes(payload: Any) -> tuple[list[Any], float]:

@@ -152,6 +152,20 @@ exit $status
 }
 
 
+_RESUMABLE = """\
+# Resumable (see the README, "Long runs"): SLURM sends SIGUSR1 to this shell
+# 120 s before the time limit (--signal=B:USR1@120); exec makes Python that
+# shell, so the executor gets it, stops starting calls, and the calls never
+# started fail with WalltimeExceeded while the script saves what it has.
+# Calls also stop starting SULIS_EXECUTOR_WALLTIME_MARGIN s (default 60) plus
+# a call's measured duration before the limit. The journal records finished
+# calls, so the next run (sbatch again, or sulis_executor.requeue() at the
+# end of the script: the job was submitted with --requeue) only runs the rest.
+export SULIS_EXECUTOR_JOURNAL=${{SULIS_EXECUTOR_JOURNAL:-run.journal}}
+exec "$PYTHON" {command}
+"""
+
+
 def default_job_name(script: str) -> str:
     stem = script.rsplit("/", 1)[-1]
     stem = stem.removesuffix(".py")
@@ -160,14 +174,19 @@ def default_job_name(script: str) -> str:
 
 
 def render_template(mode: str, script: str, resources: BatchResources,
-                    script_args: list[str] | tuple[str, ...] = ()) -> str:
-    """The batch script that runs ``python script [args]`` in ``mode``.
+                    script_args: list[str] | tuple[str, ...] = (), resumable: bool = False) -> str:
+    """The batch script that runs ``python script [args]`` in ``mode``;
+    ``resumable`` (srun mode): with SIGUSR1 before the end, ``--requeue``,
+    ``exec python`` and the resume journal.
 
     Raises ``ValueError`` for an unknown mode or a bad resource value.
     """
     mode = mode.replace("_", "-")
     if mode not in TEMPLATE_MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(TEMPLATE_MODES)}")
+    if resumable and mode != "srun":
+        raise ValueError("--resumable is for srun mode, where the script runs in the batch "
+                         "shell that SLURM's early-warning signal reaches")
     resources.check(mode)
     job_name = resources.job_name or default_job_name(script)
     ntasks = resources.nodes * resources.ntasks_per_node
@@ -178,13 +197,17 @@ def render_template(mode: str, script: str, resources: BatchResources,
         modules=("GCC/11.3.0 OpenMPI/4.1.4 mpi4py/3.1.4" if mode == "mpi"
                  else "GCC/11.3.0 Python/3.10.4"),
     )
-    body = _BODIES[mode].format(command=command, ntasks_per_node=resources.ntasks_per_node)
+    body = (_RESUMABLE if resumable else _BODIES[mode]).format(
+        command=command, ntasks_per_node=resources.ntasks_per_node)
+    sbatch = _sbatch_lines(resources, job_name)
+    if resumable:
+        sbatch += ["#SBATCH --signal=B:USR1@120", "#SBATCH --requeue"]
     return "\n".join([
         "#!/bin/bash",
         f"# Written by 'sulis-executor template {mode}'. Submit with: sbatch <this file>",
         header.rstrip("\n"),
         "#",
-        *_sbatch_lines(resources, job_name),
+        *sbatch,
         "",
         environment.rstrip("\n"),
         "",

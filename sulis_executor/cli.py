@@ -73,7 +73,8 @@ def _template(args: argparse.Namespace) -> int:
         account=args.account, partition=args.partition, job_name=args.job_name,
     )
     try:
-        text = render_template(args.mode, args.script, resources, args.script_args)
+        text = render_template(args.mode, args.script, resources, args.script_args,
+                               resumable=args.resumable)
     except ValueError as error:
         return _fail("template", error)
     if args.output in (None, "-"):
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     template.add_argument("script_args", nargs="*", metavar="ARG", help="arguments for SCRIPT")
     template.add_argument("-o", "--output", metavar="FILE",
                           help="write the script to FILE (made executable) instead of stdout")
+    template.add_argument("--resumable", action="store_true",
+                          help="srun mode: SIGUSR1 120 s before the limit, --requeue, exec "
+                               "python, and the resume journal (README, 'Long runs')")
     resources = template.add_argument_group("resources (become #SBATCH lines)")
     resources.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     resources.add_argument("--ntasks-per-node", type=int, default=4,
@@ -174,7 +178,35 @@ def build_parser() -> argparse.ArgumentParser:
     resources.add_argument("--job-name", default=None,
                            help="job name (default: the script's name)")
     template.set_defaults(run=_template)
+
+    journal = commands.add_parser(
+        "journal", help="show how many calls a resume journal holds, or clear it",
+        description="Show how many finished calls the resume journal PATH holds (see the "
+                    "journal= option) and its size; --clear empties it, so the next run "
+                    "runs every call again.",
+    )
+    journal.add_argument("path", metavar="PATH", help="the journal file")
+    journal.add_argument("--clear", action="store_true", help="empty the journal")
+    journal.set_defaults(run=_journal_command)
     return parser
+
+
+def _journal_command(args: argparse.Namespace) -> int:
+    from ._journal import NotAJournalError, clear, inspect
+
+    try:
+        if args.clear:
+            calls, size, _ = inspect(args.path)
+            clear(args.path)
+            print(f"{args.path}: cleared ({calls} calls, {size} bytes removed)")
+            return 0
+        calls, size, torn = inspect(args.path)
+    except (NotAJournalError, OSError) as error:
+        print(f"sulis-executor journal: {error}", file=sys.stderr)
+        return 2
+    note = f"; a torn last record of {torn} bytes, ignored" if torn else ""
+    print(f"{args.path}: {calls} calls, {size} bytes{note}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -211,6 +211,9 @@ OPTIONS: dict[str, Option] = {
                "Workers to wait for at start: a count, or a fraction of those expected."),
         Option("timeout", 60.0, _parse_seconds,
                "Deadline in seconds for the cluster to start or be found."),
+        Option("walltime_margin", 60.0, _parse_seconds,
+               "In a SLURM job: seconds before the time limit (plus the calls' measured "
+               "duration) after which no call starts; those left fail with WalltimeExceeded."),
         Option("dashboard", None, _parse_dashboard,
                "Dashboard address; off by default, True binds localhost on a random port."),
         Option("verbose", False, _parse_bool,
@@ -218,6 +221,9 @@ OPTIONS: dict[str, Option] = {
         Option("security", True, _parse_security,
                "TLS with per-job credentials (True), plain TCP (False, unsafe on "
                "shared machines), or a distributed.Security object."),
+        Option("journal", None, _parse_optional_str,
+               "Resume journal: a file recording finished calls, so a rerun skips them "
+               "(off by default)."),
     )
 }
 
@@ -238,9 +244,11 @@ class ExecutorOptions:
     local_directory: str | None = None
     wait_for_workers: float | int | None = None
     timeout: float = 60.0
+    walltime_margin: float = 60.0
     dashboard: str | None = None
     verbose: bool = False
     security: Any = True
+    journal: str | None = None
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
 

@@ -18,8 +18,10 @@ written for :class:`concurrent.futures.ProcessPoolExecutor` already catches::
     │                                   SystemExit (kept as ``__cause__``), or
     │                                   the object was a SulisDaskExecutor
     ├── TimeoutError
-    │   └── ClusterStartupTimeout       workers or a scheduler did not arrive
-    │                                   within ``timeout=``
+    │   ├── ClusterStartupTimeout       workers or a scheduler did not arrive
+    │   │                               within ``timeout=``
+    │   └── WalltimeExceeded            a call never started: the job's time
+    │                                   limit was near, or SIGUSR1 came
     ├── RuntimeError
     │   └── VersionMismatchError        a worker runs another version of
     │                                   sulis_executor than the client
@@ -46,6 +48,7 @@ __all__ = [
     "UnpicklableError",
     "UnpicklingFailedError",
     "VersionMismatchError",
+    "WalltimeExceeded",
     "WorkerDiedError",
 ]
 
@@ -95,6 +98,15 @@ class UnpicklableError(pickle.PicklingError, TypeError):
 
 class ClusterStartupTimeout(TimeoutError):
     """The scheduler or the expected workers did not arrive in time."""
+
+
+class WalltimeExceeded(TimeoutError):
+    """A call that never started: the SLURM job's time limit was too near
+    (``walltime_margin``), or SIGUSR1 warned of its end. Running calls
+    finished; the message says how many calls finished and how many did not
+    start. A ``map`` iterator raises it at its first item that never ran.
+    ``concurrent.futures.TimeoutError`` is ``TimeoutError``: handlers of
+    either catch it."""
 
 
 class VersionMismatchError(RuntimeError):

@@ -26,6 +26,7 @@ ones fail, and the clusters close.
 from __future__ import annotations
 
 import atexit
+import collections
 
 # Imported before our exit hook is registered, so that its own hook, which
 # stops every ThreadPoolExecutor, runs after ours (see _register_exit_hook).
@@ -41,7 +42,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-from . import _dask_private, _remote
+from . import _dask_private, _journal, _remote
 from ._calls import CallTiming
 from ._engine import Engine
 from ._map import (
@@ -56,6 +57,7 @@ from ._quiet import silence_dask_logs
 from ._security import DeferredSecurity
 from ._signals import leave_signals_to_main_thread
 from ._versions import check_workers, raise_if_refused
+from ._walltime import Walltime, install_signal_handler, job_end_time, register
 from .config import ExecutorOptions, resolve_options
 from .errors import BrokenSulisExecutor, ClusterStartupTimeout, UnpicklableError
 from .launchers import choose_launch_mode, make_launcher
@@ -370,8 +372,24 @@ class SulisDaskExecutor(Executor):
                 f"executor can replace; in {self._mode!r} mode ({reason}) the workers are "
                 f"fixed. Unset it ({source}), or use launch='local'"
             )
-        self._launcher = make_launcher(self._mode, self._options, self._job_security(), existing)
-        self._engine = self._start(initializer, tuple(initargs))
+        # Opened first: a file that is not a journal fails before any process starts.
+        self._journal = (None if self._options.journal is None
+                         else _journal.open_journal(self._options.journal))
+        try:
+            self._launcher = make_launcher(self._mode, self._options, self._job_security(), existing)
+            # In a SLURM job: no call starts too near the time limit, or after
+            # SIGUSR1 (see _walltime).
+            self._walltime = Walltime(None, self._options.walltime_margin)
+            install_signal_handler(os.environ)
+            self._engine = self._start(initializer, tuple(initargs))
+        except BaseException:
+            if self._journal is not None:
+                self._journal.flush()
+            raise
+        # Asked once started: an mpi mode's worker ranks never get here,
+        # so only rank 0 asks SLURM.
+        self._walltime.end = job_end_time(os.environ)
+        register(self._engine)
         self._lifetime = _Lifetime(self._engine)
         # Collected without shutdown(), the executor only lets go: its work
         # still finishes, and the cluster closes after (see _Lifetime).
@@ -424,7 +442,8 @@ class SulisDaskExecutor(Executor):
             engine = Engine(client, launcher, token, initializer is not None,
                             cluster.workers_reachable, cluster.shared_directory,
                             one_call_per_task=self._options.max_tasks_per_child is not None,
-                            scheduler=in_process_scheduler(cluster.target))
+                            scheduler=in_process_scheduler(cluster.target),
+                            walltime=self._walltime)
             try:
                 if cluster.expected_members:
                     self._wait_for_members(engine, cluster, deadline)
@@ -531,11 +550,24 @@ class SulisDaskExecutor(Executor):
     # -- the Executor API -------------------------------------------------
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        journal, key = self._journal, None
+        if journal is not None and callable(fn):
+            key = _journal.call_key(_journal.function_digest(fn), args, kwargs)
         with self._lifetime.lock:
             self._lifetime.check_usable()
             if not callable(fn):
                 raise TypeError(f"submit() needs a callable as its first argument, not {fn!r}")
-            return self._engine.submit_call(fn, args, kwargs)
+            if journal is None:
+                return self._engine.submit_call(fn, args, kwargs)
+            hit, value = journal.lookup(key)
+            if hit:  # recorded by an earlier run: done already
+                done: Future[T] = Future()
+                done.set_running_or_notify_cancel()
+                done.set_result(value)
+                return done
+            future = self._engine.submit_call(fn, args, kwargs)
+        future.add_done_callback(lambda f: _record_outcome(journal, key, f))
+        return future
 
     submit.__doc__ = Executor.submit.__doc__
 
@@ -589,7 +621,11 @@ class SulisDaskExecutor(Executor):
         # short; automatic ones are sized to keep a worker busy alone.
         timing = None if fixed is None else CallTiming()
         total = items_hint(iterables)
-        sizer = ChunkSizer(fixed, lambda: engine.threads, total)
+        journal, slots = self._journal, collections.deque()  # type: ignore[var-annotated]
+        if journal is not None:
+            # Only the items the journal lacks go to the cluster (see _journaled).
+            iterables = _missing_items(journal, _journal.function_digest(fn), iterables, slots)
+        sizer = ChunkSizer(fixed, lambda: engine.threads, None if journal else total)
         window = buffersize if buffersize is not None else default_window(engine.threads, fixed)
 
         def submit_rest(fn: Callable[..., Any], chunks: list[tuple[list[Any], int]],
@@ -610,6 +646,8 @@ class SulisDaskExecutor(Executor):
         except BaseException:
             hold.release()
             raise
+        if journal is not None:
+            results = _journaled(results, slots, journal)
         if progress:
             from ._progress import progress as show_progress
 
@@ -633,6 +671,8 @@ class SulisDaskExecutor(Executor):
             self._engine.cancel_queued()
         if wait:
             self._lifetime.finish()
+            if self._journal is not None:
+                self._journal.flush()
         else:
             # The interpreter still waits for this work before it exits
             # (see _finish_at_exit), as for ProcessPoolExecutor's.
@@ -701,6 +741,87 @@ def _released_at_end(results: Iterator[T], hold: _Hold) -> Iterator[T]:
         yield from results
     finally:
         hold.release()
+
+
+def _record_outcome(journal: _journal.Journal, key: bytes | None, future: Future[Any]) -> None:
+    """Record a submitted call's result; exceptions are not recorded, so a
+    rerun runs a failed call again."""
+    if not future.cancelled() and future.exception() is None:
+        journal.record(key, future.result())
+
+
+def _missing_items(
+    journal: _journal.Journal,
+    fn_digest: bytes,
+    iterables: tuple[Iterable[Any], ...],
+    slots: collections.deque[tuple[bool, Any]],
+) -> tuple[Iterator[Any], ...]:
+    """The iterables of a journaled ``map``, cut to the items the journal
+    lacks. As they are read, every item leaves in ``slots``, in order,
+    ``(True, its recorded result)`` or ``(False, its key)``."""
+
+    def missing() -> Iterator[tuple[Any, ...]]:
+        for row in zip(*iterables):
+            key = _journal.call_key(fn_digest, row, {})
+            hit, value = journal.lookup(key)
+            if hit:
+                slots.append((True, value))
+            else:
+                slots.append((False, key))
+                yield row
+
+    rows = missing()
+    if len(iterables) == 1:
+        return ((row[0] for row in rows),)
+    # Columns again, for a map of several iterables: zip reads the first
+    # column first, which fetches the row the others then read.
+    current: list[tuple[Any, ...]] = []
+
+    def first() -> Iterator[Any]:
+        for row in rows:
+            current[:] = [row]
+            yield row[0]
+
+    def column(i: int) -> Iterator[Any]:
+        while True:
+            yield current[0][i]
+
+    return (first(), *(column(i) for i in range(1, len(iterables))))
+
+
+def _journaled(results: Iterator[Any], slots: collections.deque[tuple[bool, Any]],
+               journal: _journal.Journal) -> Iterator[Any]:
+    """A journaled ``map``'s results: recorded ones from ``slots``, the
+    others from ``results`` (the cluster's), each recorded as yielded."""
+    ready: collections.deque[tuple[bool, Any]] = collections.deque()
+    try:
+        while True:
+            if not slots:
+                # Reading on makes the map read its inputs: the next
+                # missing item's result, and the recorded ones before it.
+                try:
+                    ready.append((True, next(results)))
+                except StopIteration:
+                    if not slots:
+                        return
+                except Exception as error:  # the next missing item's: raised in its turn
+                    if not slots:
+                        raise
+                    ready.append((False, error))
+                continue
+            hit, payload = slots.popleft()
+            if hit:
+                yield payload
+                del payload
+                continue
+            ok, value = ready.popleft() if ready else (True, next(results))
+            if not ok:
+                raise value
+            journal.record(payload, value)
+            yield value
+            del value
+    finally:
+        results.close()  # type: ignore[attr-defined]
 
 
 # BrokenSulisExecutor is part of this module's story; re-exported for convenience.

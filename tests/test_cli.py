@@ -312,3 +312,25 @@ def test_info_says_a_scheduler_named_by_dask_config_is_joined() -> None:
     assert "scheduler-address=tcp://10.1.1.1:8786" in info["reason"]
     assert "tcp://10.1.1.1:8786" in info["cluster"]
     assert info["problems"] == []
+
+
+@pytest.mark.timeout(60)
+def test_template_resumable_signals_requeues_and_execs_python(tmp_path: Path) -> None:
+    out = tmp_path / "job.sbatch"
+    result = cli("template", "srun", "run.py", "--resumable", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    text = out.read_text()
+    assert sbatch_lines(text)[-2:] == ["#SBATCH --signal=B:USR1@120", "#SBATCH --requeue"]
+    commands = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    # exec: Python becomes the batch shell, which SLURM signals (B:).
+    assert commands[-2:] == ["export SULIS_EXECUTOR_JOURNAL=${SULIS_EXECUTOR_JOURNAL:-run.journal}",
+                             'exec "$PYTHON" run.py']
+    check_bash_syntax(out)
+    plain = cli("template", "srun", "run.py")
+    assert "--signal" not in plain.stdout and "exec " not in plain.stdout
+
+
+@pytest.mark.timeout(60)
+def test_template_resumable_is_for_srun_mode() -> None:
+    result = cli("template", "mpi", "run.py", "--ntasks-per-node", "2", "--resumable")
+    assert result.returncode != 0 and "--resumable is for srun mode" in result.stderr
