@@ -218,15 +218,18 @@ def run_local(kind: str, workers: int, sizes: dict[str, float], timeout: float) 
 
 
 def _cluster_env(nodes: int, cpus: int) -> dict[str, str]:
-    """A test cluster of its own for this shape (see tests/slurm/cluster.sh)."""
+    """A test cluster of its own for this shape (see tests/slurm/cluster.sh),
+    beside the test suite's: its directory and ports can be moved with
+    SULIS_SCALE_SLURM_DIR and SULIS_SCALE_SLURMCTLD_PORT / _SLURMD_PORT, so
+    that two runs on one machine do not meet."""
     return dict(
         os.environ,
-        SULIS_SLURM_DIR=f"/tmp/sulis-slurm-scale-{nodes}x{cpus}",
+        SULIS_SLURM_DIR=f"{os.environ.get('SULIS_SCALE_SLURM_DIR', '/tmp/sulis-slurm-scale')}-{nodes}x{cpus}",
         SULIS_SLURM_NODES=str(nodes),
         SULIS_SLURM_CPUS=str(cpus),
         SULIS_SLURM_MEMORY=str(cpus * 700),
-        SULIS_SLURMCTLD_PORT="18817",
-        SULIS_SLURMD_PORT="18001",
+        SULIS_SLURMCTLD_PORT=os.environ.get("SULIS_SCALE_SLURMCTLD_PORT", "18817"),
+        SULIS_SLURMD_PORT=os.environ.get("SULIS_SCALE_SLURMD_PORT", "18001"),
     )
 
 
