@@ -175,6 +175,14 @@ class Walltime:
         # Seconds recent batches took (an exponential average): what the next may take.
         self.expected: float | None = None
 
+    def set_end(self, end: float | None, margin_is_default: bool) -> None:
+        """The job's end, once known. A default margin is at most a quarter
+        of the time left now: 60 s would stop a one-minute job before its
+        first call (an explicit margin is the user's to keep)."""
+        self.end = end
+        if end is not None and margin_is_default:
+            self.margin = min(self.margin, max(0.0, end - self._clock()) / 4)
+
     def observe(self, seconds: float) -> None:
         self.expected = seconds if self.expected is None else max(
             seconds, 0.7 * self.expected + 0.3 * seconds)

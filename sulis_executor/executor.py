@@ -388,7 +388,8 @@ class SulisDaskExecutor(Executor):
             raise
         # Asked once started: an mpi mode's worker ranks never get here,
         # so only rank 0 asks SLURM.
-        self._walltime.end = job_end_time(os.environ)
+        self._walltime.set_end(job_end_time(os.environ),
+                               margin_is_default=self._options.sources.get("walltime_margin") == "default")
         register(self._engine)
         self._lifetime = _Lifetime(self._engine)
         # Collected without shutdown(), the executor only lets go: its work

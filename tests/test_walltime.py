@@ -159,3 +159,19 @@ def test_queued_calls_fail_with_walltime_exceeded_once_the_margin_is_reached() -
         results = ex.map(pow, [2, 2], [1, 2])
         with pytest.raises(concurrent.futures.TimeoutError, match="time limit is near"):
             next(results)
+
+
+def test_a_default_margin_is_at_most_a_quarter_of_the_time_left() -> None:
+    # A one-minute job (55 s left at start) with the default 60 s margin
+    # would start no call at all.
+    from sulis_executor._walltime import Walltime
+
+    short = Walltime(None, 60.0, clock=lambda: 1000.0)
+    short.set_end(1055.0, margin_is_default=True)
+    assert short.margin == 55.0 / 4 and not short.stopped()
+    long = Walltime(None, 60.0, clock=lambda: 1000.0)
+    long.set_end(1000.0 + 12 * 3600, margin_is_default=True)
+    assert long.margin == 60.0
+    chosen = Walltime(None, 60.0, clock=lambda: 1000.0)
+    chosen.set_end(1055.0, margin_is_default=False)
+    assert chosen.margin == 60.0 and chosen.stopped()
