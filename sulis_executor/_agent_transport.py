@@ -57,16 +57,14 @@ class AgentTransport:
 
     def __init__(self, scheduler: Any, has_initializer: bool, notes: queue.SimpleQueue[Any],
                  members_changed: Callable[[], None]) -> None:
-        import dask.config
-
+        from ._pool import allowed_failures
         from .launchers._scheduler import register_feeder
 
         self._scheduler = scheduler
         self._notes = notes
         self._members_changed = members_changed
         self._closed = False
-        allowed = int(dask.config.get("distributed.scheduler.allowed-failures", 3))
-        self._dispatch = AgentDispatch(allowed, has_initializer)
+        self._dispatch = AgentDispatch(allowed_failures(), has_initializer)
         register_feeder(scheduler, self)
 
     # -- the engine's side ---------------------------------------------------

@@ -258,7 +258,9 @@ class MemberDiedError(WorkerDiedError):
     pool closed first)."""
 
 
-def _allowed_failures() -> int:
+def allowed_failures() -> int:
+    """Dask's ``distributed.scheduler.allowed-failures``: deaths a task may
+    cause before it fails (the same bound for batches and Dask tasks)."""
     import dask.config
 
     return int(dask.config.get("distributed.scheduler.allowed-failures", 3))
@@ -433,14 +435,14 @@ class Pool:
         if item is not None:
             if item.future is not None:
                 item.deaths += 1
-                if item.deaths <= _allowed_failures():
+                if item.deaths <= allowed_failures():
                     with self._lock:
                         self._waiting.appendleft(item)
                 else:
                     item.future.set_exception(MemberDiedError(
                         f"the process running this task died {item.deaths} times "
                         f"(last: pid {member.pid}); distributed.scheduler.allowed-failures "
-                        f"is {_allowed_failures()}"))
+                        f"is {allowed_failures()}"))
             else:
                 self._events(("lost", item.key))
         self._events(("left", len(self._members)))
