@@ -282,8 +282,13 @@ class Pool:
         self._closed = False
         self._calls = 0
         # The thread waits on the members, the listening socket and this pipe.
+        # Any thread may write to it until the pool's thread closes it on its
+        # way out; the lock keeps a write from meeting a closed (or, worse,
+        # reused) descriptor.
+        self._wake_lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
+        self._wake_open = True
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             os.unlink(path)
@@ -351,10 +356,13 @@ class Pool:
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_write, b"x")
-        except BlockingIOError:  # woken already
-            pass
+        with self._wake_lock:
+            if not self._wake_open:  # the thread has ended: nothing to wake
+                return
+            try:
+                os.write(self._wake_write, b"x")
+            except BlockingIOError:  # woken already
+                pass
 
     def _loop(self) -> None:
         try:
@@ -478,8 +486,10 @@ class Pool:
             os.unlink(self.path)
         except OSError:
             pass
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        with self._wake_lock:
+            self._wake_open = False
+            os.close(self._wake_read)
+            os.close(self._wake_write)
 
 
 class PoolExecutor(Executor):

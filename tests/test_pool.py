@@ -116,3 +116,16 @@ def test_a_member_leaving_after_its_last_task_is_given_no_other(tmp_path: Path) 
             member.join(10)
             if member.is_alive():
                 member.kill()
+
+
+def test_closing_a_pool_whose_thread_has_ended_is_harmless(tmp_path: Path) -> None:
+    # close() wakes the pool's thread after marking the pool closed; if the
+    # thread already saw the mark (a member hung up meanwhile) it has closed
+    # its wake pipe, and the wake must not write to a closed descriptor. A
+    # second close() meets that state every time.
+    pool = Pool(str(tmp_path / "pool"), lambda event: None)
+    pool.start()
+    pool.close()
+    pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.put_call(cloudpickle.dumps((os.getpid, (), {})))
