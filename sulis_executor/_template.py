@@ -9,7 +9,8 @@ import dataclasses
 import re
 import shlex
 
-__all__ = ["TEMPLATE_MODES", "BatchResources", "render_template"]
+__all__ = ["TEMPLATE_MODES", "BatchResources", "NodeSize", "node_size_from_sinfo",
+           "render_template", "tasks_per_node_choice"]
 
 #: Modes a batch script can be written for (``local``/``address`` need none).
 TEMPLATE_MODES = ("srun", "mpi", "scheduler-file")
@@ -18,11 +19,67 @@ _TIME = re.compile(r"(\d+-)?\d+(:\d+){0,2}")
 _MEMORY = re.compile(r"\d+[KMGT]?", re.IGNORECASE)
 _NAME = re.compile(r"[A-Za-z0-9._+@%=,/-]+")
 
+#: Tasks per node when the machine cannot tell (no SLURM here).
+DEFAULT_TASKS_PER_NODE = 4
+
+#: What the template asks sinfo: one line per node and partition, its
+#: partition (the default one marked ``*``) and its CPUs.
+SINFO_COMMAND = ("sinfo", "--noheader", "--Node", "--format=%P %c")
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeSize:
+    """The CPUs per node of a partition, as sinfo reports them."""
+
+    partition: str
+    cpus: int  # the fewest of any node in the partition, so every node fits
+    largest: int  # differs from ``cpus`` in a partition of mixed nodes
+
+
+def node_size_from_sinfo(output: str, partition: str | None) -> NodeSize | None:
+    """Parse ``sinfo --noheader --Node --format='%P %c'``: the node size of
+    ``partition``, or of the default partition (marked ``*``), or of every
+    node when none is marked. ``None`` if no node matches."""
+    rows: list[tuple[str, bool, int]] = []
+    for line in output.splitlines():
+        fields = line.split()
+        if len(fields) != 2 or not fields[1].isdigit():
+            continue
+        name, cpus = fields[0], int(fields[1])
+        rows.append((name.rstrip("*"), name.endswith("*"), cpus))
+    if partition is not None:
+        chosen = [row for row in rows if row[0] == partition]
+    else:
+        chosen = [row for row in rows if row[1]] or rows
+    if not chosen:
+        return None
+    names = sorted({name for name, _, _ in chosen})
+    sizes = [size for _, _, size in chosen]
+    return NodeSize(partition=",".join(names), cpus=min(sizes), largest=max(sizes))
+
+
+def tasks_per_node_choice(size: NodeSize | None, cpus_per_task: int,
+                          why_not: str = "") -> tuple[int, str]:
+    """``--ntasks-per-node`` when the user gave none: each node's CPUs over
+    ``cpus_per_task`` (whole nodes, as the Sulis Dask page's job asks), else
+    the default; and a line saying which, for the user to read."""
+    if size is None:
+        return DEFAULT_TASKS_PER_NODE, (
+            f"--ntasks-per-node={DEFAULT_TASKS_PER_NODE}: the default, as {why_not or 'no SLURM answered'}; "
+            "pass --ntasks-per-node to choose")
+    tasks = max(1, size.cpus // max(1, cpus_per_task))
+    mixed = (f" (the fewest of its nodes; others have {size.largest})"
+             if size.largest != size.cpus else "")
+    return tasks, (
+        f"--ntasks-per-node={tasks}: sinfo reports {size.cpus} CPUs per node in partition "
+        f"{size.partition}{mixed}, over --cpus-per-task={cpus_per_task}; "
+        "pass --ntasks-per-node to choose")
+
 
 @dataclasses.dataclass(frozen=True)
 class BatchResources:
     nodes: int = 1
-    ntasks_per_node: int = 4
+    ntasks_per_node: int = DEFAULT_TASKS_PER_NODE
     cpus_per_task: int = 1
     mem_per_cpu: str | None = None
     time: str = "01:00:00"

@@ -8,6 +8,10 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._template import NodeSize
 
 #: Exit status for a bad environment or bad arguments (as argparse uses).
 USAGE_ERROR = 2
@@ -64,11 +68,41 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _template(args: argparse.Namespace) -> int:
-    from ._template import BatchResources, render_template
+def _node_size(partition: str | None) -> tuple[NodeSize | None, str]:
+    """Ask this machine's SLURM (a login node's ``sinfo``) how big a node is;
+    with a deadline, since a slurmctld that does not answer must not stall
+    writing a file. The second value says why there is no answer."""
+    import subprocess
 
+    from ._template import SINFO_COMMAND, node_size_from_sinfo
+
+    try:
+        result = subprocess.run(SINFO_COMMAND, capture_output=True, text=True, timeout=15,
+                                check=False, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return None, "no SLURM here (sinfo not found)"
+    except (OSError, subprocess.SubprocessError) as error:
+        return None, f"sinfo failed ({error})"
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"sinfo failed ({last})"
+    size = node_size_from_sinfo(result.stdout, partition)
+    if size is None:
+        where = f"partition {partition!r}" if partition else "any partition"
+        return None, f"sinfo lists no node in {where}"
+    return size, ""
+
+
+def _template(args: argparse.Namespace) -> int:
+    from ._template import BatchResources, render_template, tasks_per_node_choice
+
+    ntasks_per_node = args.ntasks_per_node
+    if ntasks_per_node is None:
+        size, why_not = _node_size(args.partition)
+        ntasks_per_node, said = tasks_per_node_choice(size, args.cpus_per_task, why_not)
+        print(f"sulis-executor template: {said}", file=sys.stderr)
     resources = BatchResources(
-        nodes=args.nodes, ntasks_per_node=args.ntasks_per_node,
+        nodes=args.nodes, ntasks_per_node=ntasks_per_node,
         cpus_per_task=args.cpus_per_task, mem_per_cpu=args.mem_per_cpu, time=args.time,
         account=args.account, partition=args.partition, job_name=args.job_name,
     )
@@ -165,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "python, and the resume journal (README, 'Long runs')")
     resources = template.add_argument_group("resources (become #SBATCH lines)")
     resources.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    resources.add_argument("--ntasks-per-node", type=int, default=4,
-                           help="tasks per node (default 4)")
+    resources.add_argument("--ntasks-per-node", type=int, default=None,
+                           help="tasks per node (default: whole nodes, the CPUs per node "
+                                "sinfo reports over --cpus-per-task; 4 without SLURM)")
     resources.add_argument("--cpus-per-task", type=int, default=1,
                            help="CPUs per task: each runs a worker process (default 1)")
     resources.add_argument("--mem-per-cpu", metavar="MB", default=None,

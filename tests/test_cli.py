@@ -12,6 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from sulis_executor._template import (
+    DEFAULT_TASKS_PER_NODE,
+    NodeSize,
+    node_size_from_sinfo,
+    tasks_per_node_choice,
+)
+
 REPO = Path(__file__).resolve().parents[1]
 SLURM_ENV = REPO / "tests" / "data" / "slurm_env"
 _STRIPPED = ("SLURM_", "SULIS_EXECUTOR_", "DASK_", "PMI_", "OMPI_", "MPICH_", "HYDRA_", "PMIX_")
@@ -242,6 +249,69 @@ def test_template_srun_runs_python_directly() -> None:
     assert commands[-1] == '"$PYTHON" run.py'
     assert not any(line.startswith("srun") for line in commands)
     assert "#SBATCH --job-name=run" in result.stdout
+
+
+SULIS_LIKE_SINFO = """\
+compute* 128
+compute* 128
+hmem 128
+gpu 48
+gpu 48
+devel 64
+devel 128
+"""
+
+
+def test_node_size_is_the_default_partitions_cpus_per_node() -> None:
+    assert node_size_from_sinfo(SULIS_LIKE_SINFO, None) == NodeSize("compute", 128, 128)
+
+
+def test_node_size_of_a_named_partition() -> None:
+    assert node_size_from_sinfo(SULIS_LIKE_SINFO, "gpu") == NodeSize("gpu", 48, 48)
+
+
+def test_node_size_of_a_mixed_partition_is_its_smallest_node_so_every_node_fits() -> None:
+    assert node_size_from_sinfo(SULIS_LIKE_SINFO, "devel") == NodeSize("devel", 64, 128)
+
+
+def test_node_size_without_a_default_partition_spans_every_node() -> None:
+    assert node_size_from_sinfo("a 16\nb 8\n", None) == NodeSize("a,b", 8, 16)
+
+
+def test_node_size_of_an_unknown_partition_or_no_output_is_none() -> None:
+    assert node_size_from_sinfo(SULIS_LIKE_SINFO, "nosuch") is None
+    assert node_size_from_sinfo("", None) is None
+
+
+def test_tasks_per_node_fill_whole_nodes_and_say_so() -> None:
+    tasks, said = tasks_per_node_choice(NodeSize("compute", 128, 128), cpus_per_task=4)
+    assert tasks == 32
+    assert "128 CPUs per node" in said and "compute" in said and "--cpus-per-task=4" in said
+    tasks, said = tasks_per_node_choice(NodeSize("devel", 64, 128), cpus_per_task=1)
+    assert tasks == 64 and "others have 128" in said
+
+
+def test_tasks_per_node_without_slurm_is_the_default_and_says_why() -> None:
+    tasks, said = tasks_per_node_choice(None, cpus_per_task=1, why_not="no SLURM here")
+    assert tasks == DEFAULT_TASKS_PER_NODE
+    assert "default" in said and "no SLURM here" in said and "--ntasks-per-node" in said
+
+
+@pytest.mark.timeout(60)
+def test_template_without_slurm_says_which_default_it_used(tmp_path: Path) -> None:
+    # No sinfo on PATH: the machine cannot tell the node size.
+    result = cli("template", "srun", "run.py", extra_env={"PATH": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert f"#SBATCH --ntasks-per-node={DEFAULT_TASKS_PER_NODE}" in result.stdout
+    assert result.stderr.count("\n") == 1
+    assert "the default" in result.stderr and "sinfo not found" in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_template_with_tasks_per_node_given_asks_nobody() -> None:
+    result = cli("template", "srun", "run.py", "--ntasks-per-node", "7")
+    assert result.returncode == 0 and result.stderr == ""
+    assert "#SBATCH --ntasks-per-node=7" in result.stdout
 
 
 @pytest.mark.timeout(60)
