@@ -551,6 +551,16 @@ class SulisDaskExecutor(Executor):
     # -- the Executor API -------------------------------------------------
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Schedules ``fn(*args, **kwargs)`` to run on the cluster.
+
+        As :meth:`concurrent.futures.Executor.submit`: keyword arguments reach
+        ``fn`` untouched (even ones named ``key`` or ``pure``), and every call
+        runs, identical ones too. With a resume journal, a call recorded by an
+        earlier run returns a future that is already done.
+
+        Returns:
+            A :class:`concurrent.futures.Future` representing the given call.
+        """
         journal, key = self._journal, None
         if journal is not None and callable(fn):
             key = _journal.call_key(_journal.function_digest(fn), args, kwargs)
@@ -570,7 +580,6 @@ class SulisDaskExecutor(Executor):
         future.add_done_callback(lambda f: _record_outcome(journal, key, f))
         return future
 
-    submit.__doc__ = Executor.submit.__doc__
 
     def map(  # type: ignore[override]
         self,
