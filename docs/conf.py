@@ -32,6 +32,9 @@ html_static_path: list[str] = []
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+# Defaults as written in the source: requeue(environ=os.environ) would
+# otherwise print the environment of whoever built the manual.
+autodoc_preserve_defaults = True
 autodoc_default_options = {"show-inheritance": True}
 # ``...`` in the docstrings is code, as in the README and these pages.
 default_role = "code"
