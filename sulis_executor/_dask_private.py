@@ -17,7 +17,7 @@ both versions. A newer release than we have tested is tried; if one of the
 private names below has gone, the function using it raises
 :class:`RuntimeError` naming it and the installed versions.
 
-Why the floor is 2025.1.0 (see also the README, "Dask versions"): it is the
+Why the floor is 2025.1.0 (see also docs/install.rst, "Dask versions"): it is the
 first release whose ``dask._task_spec.Task`` takes ``_data_producer``, the
 mark that makes the scheduler queue our tasks until a worker thread is
 free, first in first out, as ``ProcessPoolExecutor`` hands out calls.
@@ -76,8 +76,8 @@ def check_versions(versions: dict[str, str] | None = None) -> None:
         found = ", ".join(f"{name} {version}" for name, version in versions.items())
         raise ImportError(
             f"sulis_executor needs dask and distributed {MINIMUM} or newer (tested up to "
-            f"{NEWEST_TESTED}), but found {found}; older releases are not supported (see the "
-            f"README, 'Dask versions'): pip install 'dask[distributed]>={MINIMUM}'"
+            f"{NEWEST_TESTED}), but found {found}; older releases are not supported (see "
+            f"docs/install.rst, 'Dask versions'): pip install 'dask[distributed]>={MINIMUM}'"
         )
 
 

@@ -4,9 +4,9 @@ pool (``run_batch_here``, see ``_pool``), or as a Dask task (``run_batch``).
 A batch arrives as one payload (its calls pickled one by one, see
 ``_shared``) and leaves as one ``bytes`` payload of outcomes (see
 ``_dumps_entries``). Dask serialises a returned Python list element by
-element, which measured 40x slower than returning one ``bytes`` object
-(PERF_NOTES.md), and pickling here also lets us name an unpicklable result
-instead of letting Dask fail on it.
+element, each with its own header and frame, where one ``bytes`` object goes
+as it is; pickling here also lets us name an unpicklable result instead of
+letting Dask fail on it (docs/design.rst, "Outcomes as one payload").
 
 Each call's outcome (each map chunk's, for map) is pickled on its own
 within that payload, as each call is on the way in, so that one the client

@@ -313,8 +313,9 @@ class SulisDaskExecutor(Executor):
             ``"spawn"``: each is a fresh interpreter. ``"fork"`` or
             ``"forkserver"`` (and the default, on Linux): each is forked from
             a fork server that has imported Dask, never from this process
-            (see ``sulis_executor.launchers``). Elsewhere workers are always
-            fresh interpreters, started by ``srun`` or MPI. Also
+            (see ``sulis_executor.launchers``). Under ``srun`` each node's
+            workers are forked from one fresh interpreter per node, and under
+            MPI they are the ranks, whatever this says. Also
             ``SULIS_EXECUTOR_MP_CONTEXT``.
         initializer: Called once in each worker process, including restarted
             ones, before its first task. If it fails the executor is broken.
@@ -324,7 +325,10 @@ class SulisDaskExecutor(Executor):
             runs before it leaves and a fresh one takes its place. Local
             cluster only: the processes of an ``srun`` step or an MPI job
             cannot be replaced. Also ``SULIS_EXECUTOR_MAX_TASKS_PER_CHILD``.
-        **options: Launch and cluster options; see ``sulis_executor.config``.
+        **options: Launch and cluster options (``launch``, ``interface``,
+            ``timeout``, ``journal``, ...), each also an environment variable
+            and a Dask config key; see ``sulis_executor.config`` and the
+            manual's *Configuration* page (docs/configuration.rst).
     """
 
     def __init__(
@@ -534,8 +538,10 @@ class SulisDaskExecutor(Executor):
 
     @property
     def num_workers(self) -> int:
-        """Worker processes that run calls now: on a cluster the executor
-        started, the members of its nodes' pools; on another, Dask's workers."""
+        """The worker processes that run calls now.
+
+        On a cluster the executor started, the members of its nodes' pools;
+        on another, Dask's workers."""
         return self._engine.worker_count()
 
     @property
@@ -551,6 +557,16 @@ class SulisDaskExecutor(Executor):
     # -- the Executor API -------------------------------------------------
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Schedules ``fn(*args, **kwargs)`` to run on the cluster.
+
+        As :meth:`concurrent.futures.Executor.submit`: keyword arguments reach
+        ``fn`` untouched (even ones named ``key`` or ``pure``), and every call
+        runs, identical ones too. With a resume journal, a call recorded by an
+        earlier run returns a future that is already done.
+
+        Returns:
+            A :class:`concurrent.futures.Future` representing the given call.
+        """
         journal, key = self._journal, None
         if journal is not None and callable(fn):
             key = _journal.call_key(_journal.function_digest(fn), args, kwargs)
@@ -570,7 +586,6 @@ class SulisDaskExecutor(Executor):
         future.add_done_callback(lambda f: _record_outcome(journal, key, f))
         return future
 
-    submit.__doc__ = Executor.submit.__doc__
 
     def map(  # type: ignore[override]
         self,

@@ -13,7 +13,7 @@ network interface (``eth0``, the test cluster's nodes', for ``ib0``), in two for
   executor, keeping the rest (dask-mpi's ``initialize()``, their own
   ``Client``, the cluster commands of the batch script);
 * ``*.recommended.py`` (and ``*.recommended.slurm`` where the job script
-  changes too): the change the README recommends.
+  changes too): the change docs/migrating.rst recommends.
 
 Changed lines end in a ``was:`` comment. The job scripts run as printed:
 ``module`` is a stand-in that does nothing (``sulis_page/bin``),

@@ -1,5 +1,5 @@
 # dask_futures.py, as printed at https://sulis-hpc.github.io/advanced/ensemble/dask.html,
-# with the change the README recommends (changed lines say 'was:').
+# with the change docs/migrating.rst recommends (changed lines say 'was:').
 import os
 import sys
 from sulis_executor import SulisDaskExecutor  # was: dask_mpi's initialize, Client

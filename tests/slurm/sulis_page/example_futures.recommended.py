@@ -1,5 +1,5 @@
 # example_futures.py, as printed at https://sulis-hpc.github.io/gettingstarted/batchq/singlenode.html,
-# with the change the README recommends (changed lines say 'was:').
+# with the change docs/migrating.rst recommends (changed lines say 'was:').
 import sys
 import concurrent.futures
 from sulis_executor import SulisDaskExecutor
