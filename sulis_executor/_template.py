@@ -210,7 +210,7 @@ exit $status
 
 
 _RESUMABLE = """\
-# Resumable (see the README, "Long runs"): SLURM sends SIGUSR1 to this shell
+# Resumable (the sulis_executor manual, "Long runs"): SLURM sends SIGUSR1 to this shell
 # 120 s before the time limit (--signal=B:USR1@120); exec makes Python that
 # shell, so the executor gets it, stops starting calls, and the calls never
 # started fail with WalltimeExceeded while the script saves what it has.

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="write the script to FILE (made executable) instead of stdout")
     template.add_argument("--resumable", action="store_true",
                           help="srun mode: SIGUSR1 120 s before the limit, --requeue, exec "
-                               "python, and the resume journal (README, 'Long runs')")
+                               "python, and the resume journal (docs/long_runs.rst)")
     resources = template.add_argument_group("resources (become #SBATCH lines)")
     resources.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     resources.add_argument("--ntasks-per-node", type=int, default=None,
