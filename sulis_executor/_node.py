@@ -2,8 +2,8 @@
 
 The ``srun`` step runs one of these per node. It imports Dask once, then
 forks the node's agent (a Dask worker, see ``_agent``) and its pool's
-members, one per SLURM task of the node (see ``_pool``), so a node of 128
-tasks pays for one import of Dask, not 128, and for one connection to the
+members, one per CPU of each SLURM task of the node (``nthreads`` per task;
+see ``_pool``), so a node of 128 tasks pays for one import of Dask, not 128, and for one connection to the
 scheduler. It stays single-threaded, to fork safely, and replaces a member
 that exits (it died, or it ran ``max_tasks_per_child`` tasks) for as long as
 the agent runs; when the agent ends (its scheduler closed, or a signal), it

@@ -139,9 +139,9 @@ PYTHON=${{PYTHON:-python}}
 _HEADERS = {
     "srun": """\
 # Launch mode "srun": the Python script runs directly in the batch script,
-# and SulisDaskExecutor() starts one Dask worker per SLURM task ({ntasks} in
-# all) with --cpus-per-task threads and the task's memory; no task is set
-# aside for the scheduler, which runs in the script's process.
+# and SulisDaskExecutor() starts a worker process per CPU of each SLURM task
+# ({ntasks} tasks in all), all started by one srun step; no task is set aside
+# for the scheduler, which runs in the script's process.
 """,
     "mpi": """\
 # Launch mode "mpi": the Python script runs as {ntasks} MPI ranks; in

@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Write a ready-to-submit SLURM batch script that runs SCRIPT (a Python script\n"
             "using SulisDaskExecutor) in one of three modes:\n\n"
-            "  srun            python SCRIPT in the batch script; the executor starts one\n"
-            "                  worker per SLURM task, none set aside (the default choice)\n"
+            "  srun            python SCRIPT in the batch script; the executor starts a worker\n"
+            "                  process per CPU of each task, none set aside (the default)\n"
             "  mpi             srun --mpi=pmi2 --kill-on-bad-exit=1 python SCRIPT; rank 0 runs\n"
             "                  the scheduler and the script, the other ranks are workers\n"
             "  scheduler-file  the batch script starts 'dask scheduler' and 'srun dask worker',\n"

@@ -98,9 +98,9 @@ def choose_launch_mode(options: ExecutorOptions, environ: Mapping[str, str],
         )
     where = "the batch script" if allocation.is_batch_step else "an salloc shell"
     return "srun", (
-        f"{where} of SLURM job {allocation.job_id}: one worker per task "
+        f"{where} of SLURM job {allocation.job_id}: a worker process per CPU of every task "
         f"({allocation.ntasks} tasks on {len(allocation.nodes)} nodes, "
-        f"{allocation.cpus_per_task} CPU(s) each) in one srun step"
+        f"{allocation.cpus_per_task} CPU(s) each), started by one srun step"
     )
 
 

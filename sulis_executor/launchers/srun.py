@@ -3,8 +3,9 @@
 The scheduler runs in this process (as in the local mode); the workers are
 one background ``srun`` step over the whole allocation, one task per node
 (``python -m sulis_executor._node``) with all of the node's CPUs, which
-imports Dask once and forks the node's agent, a Dask worker, and one member
-process per SLURM task of the node, which runs the calls (see ``_agent``,
+imports Dask once and forks the node's agent, a Dask worker, and the member
+processes that run the calls, ``nthreads`` (by default its CPUs) per SLURM
+task of the node (see ``_agent``,
 ``_pool`` and ``_node``). No task is set aside for the scheduler or the
 script: they are light, and run next to the first node's members.
 
