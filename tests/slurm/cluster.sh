@@ -419,6 +419,12 @@ link() {
     local node=${1:?usage: cluster.sh link NODE down|up} state=${2:?usage: cluster.sh link NODE down|up}
     network_present || die "no cluster in $STATE_DIR (start it first)"
     ip -n "$SWITCH_NS" link set "v-$node" "$state"
+    # Back up, the node's slurmd registers again at once (SIGHUP): slurmctld
+    # does not ping a node it has set down, and its next full registration
+    # round came 150 s later here.
+    if [[ $state == up ]] && pid_alive "$STATE_DIR/slurmd.$node.pid"; then
+        kill -HUP "$(cat "$STATE_DIR/slurmd.$node.pid")"
+    fi
 }
 
 status() {
