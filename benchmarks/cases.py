@@ -13,11 +13,21 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import sys
 import time
+from pathlib import Path
 
-from .tasks import SLEEP_SECONDS, array_sum, inc, sleep_then_return
+from .tasks import (
+    SLEEP_SECONDS,
+    array_sum,
+    block_plus,
+    inc,
+    random_block,
+    sleep_for,
+    sleep_then_return,
+)
 
 MARKER = "BENCH_RESULT "
 
@@ -44,6 +54,10 @@ class Sulis:
             return self.ex.map(fn, items, chunksize=max(1, n // 8))
         return self.ex.map(fn, items)
 
+    def map_chunks(self, fn, items, chunksize):
+        """``map`` with an explicit chunksize (the chunksize case)."""
+        return self.ex.map(fn, items, chunksize=chunksize)
+
     def submit(self, fn, *args):
         return self.ex.submit(fn, *args)
 
@@ -56,6 +70,13 @@ class Sulis:
 
 class SulisChunked(Sulis):
     chunked = True
+
+
+class SulisSpawn(Sulis):
+    """Workers as fresh interpreters instead of forks of the fork server."""
+
+    def start(self, workers):
+        self.ex = self._cls(max_workers=workers, mp_context="spawn")
 
 
 class PPE(Sulis):
@@ -143,6 +164,7 @@ class DaskExecutor(Dask):
 EXECUTORS = {
     "sulis": Sulis,
     "sulis_chunked": SulisChunked,
+    "sulis_spawn": SulisSpawn,
     "ppe": PPE,
     "ppe_chunked": PPEChunked,
     "dask": Dask,
@@ -170,7 +192,42 @@ def _reset_peak_rss():
         return False
 
 
+def _pss_kb(pid):
+    """Proportional set size of a process: its private pages plus its share
+    of the pages it shares (each shared page divided among its sharers)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return int(re.search(r"^Pss:\s+(\d+)", f.read(), re.MULTILINE).group(1))
+
+
+def _descendants():
+    """Every process started by this one, recursively: the cluster (fork
+    server, agents, members, workers), found through /proc."""
+    import psutil  # a dependency of distributed
+
+    return psutil.Process().children(recursive=True)
+
+
+def _settled_descendants(deadline_s=15.0, quiet_s=1.0):
+    """The descendants, once their set has not changed for ``quiet_s``
+    (workers that start late, or helpers that leave, are not counted half)."""
+    procs = {p.pid: p for p in _descendants()}
+    stable_since = time.monotonic()
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = {p.pid: p for p in _descendants()}
+        if now.keys() != procs.keys():
+            procs, stable_since = now, time.monotonic()
+        elif time.monotonic() - stable_since >= quiet_s:
+            break
+    return list(procs.values())
+
+
 # -- cases --------------------------------------------------------------------
+
+
+class Unsupported(Exception):
+    """This case cannot be measured here; the message says why."""
 
 
 def check(ok, what):
@@ -303,6 +360,100 @@ def case_rss(ex, n, workers):
     return _timed(ex, n, workers, body)
 
 
+def uneven_durations(n):
+    """The uneven-calls case's five distributions of ``n`` call durations
+    (s), named; for n = 200 the one-slow-call ones slow the 11th and the
+    151st call."""
+    early, late = n * 10 // 200, n * 150 // 200
+    sigma = 0.8  # log-normal with mean SLEEP_SECONDS
+    mu = math.log(SLEEP_SECONDS) - sigma**2 / 2
+    rng = random.Random(19)  # the same durations in every run
+    return {
+        "all_50ms": [SLEEP_SECONDS] * n,
+        "early_1s": [1.0 if i == early else SLEEP_SECONDS for i in range(n)],
+        "late_1s": [1.0 if i == late else SLEEP_SECONDS for i in range(n)],
+        "rising": [0.01 + 0.05 * i / max(1, n - 1) for i in range(n)],
+        "lognormal": [rng.lognormvariate(mu, sigma) for _ in range(n)],
+    }
+
+
+def case_uneven(ex, n, workers):
+    """Each distribution as one ``map(sleep_for, durations)`` (chunksize 1),
+    back to back in one executor: efficiency = (sum ÷ workers) ÷ actual."""
+
+    def body():
+        out = {}
+        for name, durations in uneven_durations(n).items():
+            t0 = time.perf_counter()
+            results = list(ex.map(sleep_for, durations, 1))
+            dt = time.perf_counter() - t0
+            check(results == durations, f"{name}: results in order")
+            out[f"eff_{name}"] = sum(durations) / workers / dt
+            out[f"seconds_{name}"] = dt
+        return out
+
+    return _timed(ex, n, workers, body)
+
+
+#: Items of the chunksize case: ``map(inc, range(CHUNKED_ITEMS), chunksize=N)``.
+CHUNKED_ITEMS = 100_000
+
+
+def case_chunksize(ex, n, workers):
+    def body():
+        t0 = time.perf_counter()
+        total = 0
+        for r in ex.map_chunks(inc, range(CHUNKED_ITEMS), n):
+            total += r
+        dt = time.perf_counter() - t0
+        check(total == CHUNKED_ITEMS * (CHUNKED_ITEMS + 1) // 2, "sum of inc")
+        return {"seconds": dt, "items_per_s": CHUNKED_ITEMS / dt}
+
+    return _timed(ex, n, workers, body)
+
+
+def case_results(ex, n, workers):
+    """N calls, each returning a fresh 8 MB array: MB/s of results."""
+    base = random_block()
+
+    def body():
+        t0 = time.perf_counter()
+        results = list(ex.map(block_plus, range(n), 1))
+        dt = time.perf_counter() - t0
+        megabytes = sum(r.nbytes for r in results) / 1e6
+        check(
+            all((r == base + i).all() for i, r in enumerate(results)),
+            "8 MB results",
+        )
+        return {"seconds": dt, "megabytes": megabytes, "mb_per_s": megabytes / dt}
+
+    return _timed(ex, n, workers, body)
+
+
+def case_pss(ex, n, workers):
+    """An idle cluster of N workers: the PSS summed over every process this
+    one started (not this process, the client), after a warm-up."""
+    if not Path("/proc/self/smaps_rollup").exists():
+        raise Unsupported("skipped: no /proc/PID/smaps_rollup (Linux >= 4.14)")
+    ex.load()
+    ex.start(n)
+    try:
+        warm_up(ex, n)
+        procs = _settled_descendants()
+        total_kb = 0
+        for p in procs:
+            total_kb += _pss_kb(p.pid)
+        check(len(procs) >= n, f"{len(procs)} processes for {n} workers")
+        return {
+            "pss_mb": total_kb / 1024,
+            "pss_per_worker_mb": total_kb / 1024 / n,
+            "processes": float(len(procs)),
+            "client_pss_mb": _pss_kb("self") / 1024,
+        }
+    finally:
+        ex.close()
+
+
 CASES = {
     "startup": case_startup,
     "map": case_map,
@@ -310,6 +461,10 @@ CASES = {
     "sleep": case_sleep,
     "arrays": case_arrays,
     "rss": case_rss,
+    "uneven": case_uneven,
+    "chunksize": case_chunksize,
+    "results": case_results,
+    "pss": case_pss,
 }
 
 
@@ -321,6 +476,8 @@ def main(argv):
         result["ok"] = True
     except ModuleNotFoundError as exc:  # an optional competitor or numpy is missing
         result = {"ok": False, "skip": f"skipped: {exc.name} not installed"}
+    except Unsupported as exc:
+        result = {"ok": False, "skip": str(exc)}
     except Exception as exc:  # noqa: BLE001 -- reported to the parent, which records it
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
     print(MARKER + json.dumps(result), flush=True)

@@ -36,6 +36,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 LABELS = {
     "sulis": "SulisDaskExecutor (defaults)",
     "sulis_chunked": "SulisDaskExecutor, chunksize N/8",
+    "sulis_spawn": "SulisDaskExecutor, mp_context=\"spawn\"",
     "ppe": "ProcessPoolExecutor, chunksize 1",
     "ppe_chunked": "ProcessPoolExecutor, chunksize N/8",
     "dask": "Dask client.map + gather",
@@ -55,7 +56,14 @@ ALL = [
     "mpi4py_chunked",
 ]
 
-# case -> (sizes, executors, workers); the chunked variants differ only for map-like cases.
+#: Executors of the newer cases: each competitor once, where it is cheap
+#: (raw Dask has no chunksize; the PSS case measures local clusters only).
+MAPS = ["sulis", "ppe", "dask", "mpi4py"]
+CHUNKSIZE = ["sulis", "ppe", "mpi4py"]
+PSS = ["sulis", "sulis_spawn", "ppe"]
+
+# case -> (sizes, executors, workers); the chunked variants differ only for
+# map-like cases. workers None: N is the number of workers.
 FULL = {
     "startup": ([0], BASE, 2),
     # N=1,000 is a cheap pilot: each larger N is skipped when the rate at the previous N
@@ -65,6 +73,14 @@ FULL = {
     "sleep": ([200], BASE, 8),
     "arrays": ([20], BASE, 2),
     "rss": ([10_000_000], ["sulis", "sulis_chunked", "ppe_chunked"], 2),
+    # 200 calls in five distributions of durations, back to back in one executor.
+    "uneven": ([200], MAPS, 8),
+    # map(inc, range(100_000), chunksize=N)
+    "chunksize": ([10, 100, 1000], CHUNKSIZE, 2),
+    # N calls returning 8 MB each
+    "results": ([20], MAPS, 2),
+    # an idle cluster of N workers
+    "pss": ([2, 8], PSS, None),
 }
 QUICK = dict(
     FULL,
@@ -73,6 +89,10 @@ QUICK = dict(
     sleep=([20], BASE, 2),
     arrays=([5], BASE, 2),
     rss=([1_000_000], FULL["rss"][1], 2),
+    uneven=([40], ["sulis", "ppe"], 2),
+    chunksize=([100], CHUNKSIZE, 2),
+    results=([3], ["sulis", "ppe"], 2),
+    pss=([2], PSS, None),
 )
 
 METRIC = {
@@ -82,6 +102,10 @@ METRIC = {
     "sleep": "efficiency",
     "arrays": "mb_per_s",
     "rss": "rss_growth_mb",
+    "uneven": "eff_all_50ms",
+    "chunksize": "items_per_s",
+    "results": "mb_per_s",
+    "pss": "pss_mb",
 }
 
 
@@ -241,12 +265,13 @@ def run_suite(plan, repeats, timeout, limit, executors=None, cases=None, log=pri
             continue
         names = [e for e in names if not executors or e in executors]
         for n in sizes:
+            w = n if workers is None else workers
             active = []
             for name in names:
                 reason = estimate_skip(records, name, case, n, limit)
                 if reason:
                     records.append(
-                        {"executor": name, "case": case, "n": n, "workers": workers}
+                        {"executor": name, "case": case, "n": n, "workers": w}
                         | {"status": "skipped", "reason": reason}
                     )
                     log(f"{case:8} N={n:<10,} {name:15} {reason}")
@@ -260,9 +285,9 @@ def run_suite(plan, repeats, timeout, limit, executors=None, cases=None, log=pri
                         executor=name,
                         case=case,
                         n=n,
-                        workers=workers,
+                        workers=w,
                         repeat=rep,
-                        **run_child(name, case, n, workers, timeout),
+                        **run_child(name, case, n, w, timeout),
                     )
                     records.append(rec)
                     value = rec.get(METRIC[case])
@@ -384,22 +409,27 @@ def targets(summary, plan):
         if sulis and best
         else why(("map", n, "sulis")),
     )
+    # Against Dask at the same N: the largest N at which Dask's run finished
+    # (it is skipped at the larger ones, where it would take minutes).
     dask_n = max(
         (
             m
             for m in map_sizes
-            if m <= n and _med(summary, ("map", m, "dask"), "items_per_s")
+            if m <= n
+            and _med(summary, ("map", m, "dask"), "items_per_s")
+            and _med(summary, ("map", m, "sulis"), "items_per_s")
         ),
         default=None,
     )
+    at_dask_n = _med(summary, ("map", dask_n, "sulis"), "items_per_s") if dask_n else None
     dask = _med(summary, ("map", dask_n, "dask"), "items_per_s") if dask_n else None
     add(
-        f"map N={n:,}, defaults ≥ 50× Dask client.map",
-        sulis and dask,
-        sulis is not None and dask is not None and sulis >= 50 * dask,
-        f"{_ratio(sulis, dask)} (Dask measured at N={dask_n:,})"
-        if sulis and dask
-        else why(("map", n, "sulis")),
+        f"map N={dask_n or n:,}, defaults ≥ 50× Dask client.map (same N)",
+        at_dask_n and dask,
+        at_dask_n is not None and dask is not None and at_dask_n >= 50 * dask,
+        f"{_fmt(at_dask_n, '/s')}/s vs {_fmt(dask, '/s')}/s = {_ratio(at_dask_n, dask)}"
+        if at_dask_n and dask
+        else why(("map", n, "dask")),
     )
     for case, metric, label, factor in (
         ("submit", "tasks_per_s", "{m:,} submits ≥ 0.5× PPE", 0.5),
@@ -574,7 +604,150 @@ def markdown(summary, plan, meta):
         "",
         *_table(["executor", "RSS growth (MB)", "items/s", "seconds"], rows),
     ]
+    L += _uneven_section(summary, plan)
+    L += _chunksize_section(summary, plan)
+    L += _results_section(summary, plan)
+    L += _pss_section(summary, plan)
     return "\n".join(L)
+
+
+#: The uneven case's distributions (``benchmarks.cases.uneven_durations``);
+#: {early} and {late} are the slow call's place (11 and 151 of 200).
+UNEVEN = (
+    ("all_50ms", "all 50 ms"),
+    ("early_1s", "call {early} takes 1 s"),
+    ("late_1s", "call {late} takes 1 s"),
+    ("rising", "10 ms rising to 60 ms"),
+    ("lognormal", "log-normal, mean 50 ms"),
+)
+
+#: The executor alone, where the case sets what LABELS describe.
+NAMES = {
+    "sulis": "SulisDaskExecutor",
+    "ppe": "ProcessPoolExecutor",
+    "mpi4py": "mpi4py.futures MPIPoolExecutor",
+}
+
+
+def _with_ratio(summary, key, metric, unit, base):
+    entry = summary.get(key)
+    cell = _cell(entry, metric, unit)
+    value = _med(summary, key, metric)
+    if value is not None and base is not None:
+        cell += f" · {_ratio(value, base)}"
+    return cell
+
+
+def _uneven_section(summary, plan):
+    sizes, names, workers = plan["uneven"]
+    n = sizes[0]
+    places = dict(early=n * 10 // 200 + 1, late=n * 150 // 200 + 1)
+    rows = []
+    for e in names:
+        row = [LABELS[e]]
+        for name, _ in UNEVEN:
+            metric = f"eff_{name}"
+            ppe = _med(summary, ("uneven", n, "ppe"), metric)
+            row.append(_with_ratio(summary, ("uneven", n, e), metric, "", ppe))
+        rows.append(row)
+    return [
+        f"## 7. Uneven calls: {n} calls of `sleep_for(seconds)`, efficiency ({workers} workers)",
+        "",
+        (
+            f"Five distributions of {n} call durations, each one `map(sleep_for, durations)` "
+            "(chunksize 1), back to back in one executor after its warm-up; efficiency = "
+            f"(sum of durations ÷ {workers}) ÷ actual; · ratio to ProcessPoolExecutor. "
+            "The other calls of the slow-call cases take 50 ms; the log-normal durations "
+            "(sigma 0.8) come from a fixed seed (`benchmarks.cases.uneven_durations`)."
+        ),
+        "",
+        *_table(["executor"] + [label.format(**places) for _, label in UNEVEN], rows),
+    ]
+
+
+def _chunksize_section(summary, plan):
+    from .cases import CHUNKED_ITEMS
+
+    sizes, names, workers = plan["chunksize"]
+    rows = []
+    for e in names:
+        rows.append(
+            [NAMES.get(e, LABELS[e])]
+            + [
+                _with_ratio(
+                    summary,
+                    ("chunksize", k, e),
+                    "items_per_s",
+                    "/s",
+                    _med(summary, ("chunksize", k, "ppe"), "items_per_s"),
+                )
+                for k in sizes
+            ]
+        )
+    return [
+        f"## 8. Explicit chunksize, `map(inc, range({CHUNKED_ITEMS:,}), chunksize=k)`: "
+        f"items/s ({workers} workers)",
+        "",
+        "· ratio to ProcessPoolExecutor at the same k.",
+        "",
+        *_table(["executor"] + [f"k={k:,}" for k in sizes], rows),
+    ]
+
+
+def _results_section(summary, plan):
+    sizes, names, workers = plan["results"]
+    n = sizes[0]
+    ppe = _med(summary, ("results", n, "ppe"), "mb_per_s")
+    rows = []
+    for e in names:
+        s = summary.get(("results", n, e))
+        rows.append(
+            [LABELS[e], _cell(s, "mb_per_s", "/s"),
+             _ratio(_med(summary, ("results", n, e), "mb_per_s"), ppe),
+             _cell(s, "seconds", primary=False)]
+        )  # fmt: skip
+    return [
+        f"## 9. Large results: {n} calls each returning a fresh 8 MB array, "
+        f"`map(block_plus, range({n}))`: MB/s of results ({workers} workers)",
+        "",
+        (
+            "Each worker makes one random 8 MB float64 block on first use (in the warm-up) "
+            "and returns it plus the call's input: the time is sending results back."
+        ),
+        "",
+        *_table(["executor", "MB/s", "× PPE", "seconds"], rows),
+    ]
+
+
+def _pss_section(summary, plan):
+    sizes, names, _ = plan["pss"]
+    rows = []
+    for e in names:
+        row = [NAMES.get(e, LABELS[e]) if e != "sulis" else "SulisDaskExecutor (fork server)"]
+        for n in sizes:
+            entry = summary.get(("pss", n, e))
+            cell = _cell(entry, "pss_mb")
+            per = _med(summary, ("pss", n, e), "pss_per_worker_mb")
+            procs = _med(summary, ("pss", n, e), "processes")
+            if per is not None:
+                cell += f" · {per:.3g} per worker, {procs:.0f} processes"
+            row.append(cell)
+        rows.append(row)
+    return [
+        "## 10. Memory of an idle local cluster: PSS (MB)",
+        "",
+        (
+            "Proportional set size (`Pss` of `/proc/PID/smaps_rollup`: private pages plus "
+            "each shared page divided among the processes sharing it), summed over every "
+            "process the client started, found recursively through /proc (fork server, "
+            "agent and members; ProcessPoolExecutor's workers), not the client itself; "
+            "measured after the warm-up, once the set of processes has not changed for 1 s. "
+            "ProcessPoolExecutor's workers are forks of the client, which here has imported "
+            "little, and share pages with it, which PSS charges partly to the client."
+        ),
+        "",
+        *_table(["executor"] + [f"{n} workers" for n in sizes], rows),
+    ]
 
 
 def plot(summary, plan, path, meta):
@@ -681,7 +854,7 @@ def main(argv=None):
         help="skip runs estimated to take longer than this (60 s; quick: 10 s)",
     )
     parser.add_argument(
-        "--executors", nargs="+", choices=ALL, help="only these executors"
+        "--executors", nargs="+", choices=list(LABELS), help="only these executors"
     )
     parser.add_argument(
         "--cases", nargs="+", choices=list(FULL), help="only these cases"
