@@ -106,10 +106,9 @@ def report(rows: list[dict[str, float]], commit: str) -> str:
         "|---|---|",
     ]
     lines += [f"| {label} | {_cell([r[key] for r in rows])} |" for key, label in COLUMNS]
-    lines += ["", "The rows do not add up: the executor's node processes import only what a "
-              "worker needs, not all of `distributed`, and start while the scheduler does. "
-              "Read them as proportions: being ready costs about one step launch and one "
-              "node's import."]
+    lines += ["", "Read the rows as proportions. They need not add up: on 2 cores the executor "
+              "has been ready sooner than the baseline step's import of `distributed`, though "
+              "its node processes import it too; this benchmark does not explain why."]
     return "\n".join(lines) + "\n"
 
 
