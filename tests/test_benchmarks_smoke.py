@@ -80,3 +80,18 @@ def test_an_mpi4py_run_killed_at_its_timeout_leaves_no_shared_memory_behind():
     record = run_child("mpi4py", "sleep", 200, 2, timeout=3)
     assert record["status"] == "timeout", record
     assert _mpich_segments() - before == set()
+
+
+@pytest.mark.timeout(120)
+def test_the_central_cost_benchmark_writes_its_table(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SULIS_EXECUTOR_"))}
+    env["PYTHONPATH"] = str(REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.central_cost", "--members", "2", "--batches", "20",
+         "--repeats", "1", "--out", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=100,
+    )
+    assert proc.returncode == 0 and proc.stderr == "", proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in (tmp_path / "central_cost.md").read_text().splitlines()
+            if line.startswith("| 2 |")]
+    assert len(rows) == 1 and "| 20 |" in rows[0], rows
