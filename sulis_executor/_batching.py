@@ -26,9 +26,9 @@ TARGET_BATCH_SECONDS = 0.02
 MAX_BATCH_CALLS = 4096
 #: The most batches a second the executor aims to have the whole cluster run.
 #: Each batch costs the process that runs the scheduler and settles results
-#: a fixed amount of CPU, however many nodes there are (0.3-0.5 ms measured
-#: for one-call batches on 2 cores), so a fixed batch length would make that
-#: load grow with every core (256 workers on 20 ms batches: 12,800 batches/s,
+#: a fixed amount of CPU, however many nodes there are (0.12-0.45 ms for
+#: one-call batches on 2 cores: ``python -m benchmarks.central_cost``), so a
+#: fixed batch length would make that load grow with every core (256 workers on 20 ms batches: 12,800 batches/s,
 #: several cores' worth). So batches get longer once the cluster has more than
 #: ``MAX_BATCHES_PER_SECOND`` x the target length worth of worker threads (20
 #: for submitted calls, 500 for map chunks), keeping that process under about

@@ -1,8 +1,8 @@
 """``Executor.map``: chunk sizing, a bounded window, and ordered results.
 
-Two things make ``map`` fast on Dask, where a task costs about 2 ms (and a
-scheduler round trip between one task and the next on a worker, 4-13 ms;
-runners, in ``_engine``, cut that to about 2 ms):
+Two things make ``map`` fast on Dask, where every chunk costs a round trip
+(a message to a node's agent, or a Dask task on a cluster the executor did
+not start):
 
 * **Adaptive chunks.** When the caller leaves ``chunksize`` at its default,
   items are grouped into chunks sized from measurement, in the spirit of
@@ -52,13 +52,11 @@ from ._batching import batch_seconds
 from ._calls import rebuild_exception
 
 #: Adaptive chunks aim to take about this long on a worker (joblib aims at
-#: 0.2-2 s). Each chunk costs a round trip during which its worker idles: a
-#: runner's request for it (about 2 ms here), or a scheduler round trip when
-#: it goes as a Dask task (4-13 ms). With tasks, 200 x 50 ms sleeps on 8
-#: workers measured 0.85 efficiency at 0.05 s, 0.92 at 0.2 s and 0.92-0.95 at
-#: 0.5 s. Near the end of known-length input, chunks shrink, but not below the
-#: minimum per thread: smaller ones cost more in round trips than they win in
-#: balance.
+#: 0.2-2 s). Each chunk costs a round trip during which its worker idles: the
+#: agent's message for it (a few milliseconds on 2 cores), or a scheduler
+#: round trip when it goes as a Dask task. Near the end of known-length
+#: input, chunks shrink, but not below the minimum per thread: smaller ones
+#: cost more in round trips than they win in balance.
 TARGET_CHUNK_SECONDS = 0.5
 MIN_CHUNK_SECONDS = 0.01
 MAX_CHUNK_ITEMS = 200_000
