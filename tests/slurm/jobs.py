@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -71,17 +70,12 @@ def node_namespace(slurm_conf: str, node: str) -> str:
 
 
 def set_link(slurm_conf: str, node: str, state: str) -> None:
-    """``up`` or ``down``: the switch's port of ``node`` (a network partition).
-
-    Back ``up``, the node's slurmd is told to register again (SIGHUP), as
-    ``cluster.sh link`` does: slurmctld does not ping a node it has set down,
-    and waiting for its next full registration round took 150 s here."""
-    switch = cluster_network(slurm_conf)["SULIS_SLURM_SWITCH_NETNS"]
-    subprocess.run(["ip", "-n", switch, "link", "set", f"v-{node}", state],
+    """``up`` or ``down``: the switch's port of ``node`` (a network partition),
+    by ``cluster.sh link``, which also has the node register again when it
+    comes back up."""
+    subprocess.run(["bash", str(CLUSTER_SH), "link", node, state],
+                   env={**os.environ, "SULIS_SLURM_DIR": str(Path(slurm_conf).parent)},
                    check=True, capture_output=True, timeout=30)
-    if state == "up":
-        pid = int((Path(slurm_conf).parent / f"slurmd.{node}.pid").read_text())
-        os.kill(pid, signal.SIGHUP)
 
 
 def job_env(slurm_conf: str, marker: str, **extra: str) -> dict[str, str]:
