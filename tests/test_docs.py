@@ -11,6 +11,7 @@ import pytest
 
 import sulis_executor
 from sulis_executor import _dask_private
+from tests.test_cli import cli, load_env_dump
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -40,18 +41,8 @@ def test_the_old_dask_error_points_at_a_page_that_states_the_floor():
 def test_the_info_example_is_what_the_command_prints_for_that_allocation():
     # docs/cli.rst shows `sulis-executor info` in a 3-node batch script; the
     # captured environment of such a script must still print exactly that.
-    import os
-    import subprocess
-    import sys
-
     shown = section("cli.rst", "``info``").split("    $ sulis-executor info\n", 1)[1]
     shown = "\n".join(line[4:] for line in shown.split("\n\n", 1)[0].splitlines())
-    dump = DOCS.parent / "tests" / "data" / "slurm_env" / "batch_step_multinode.env"
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(DOCS.parent)}
-    for line in dump.read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            key, _, value = line.partition("=")
-            env[key] = value
-    printed = subprocess.run([sys.executable, "-m", "sulis_executor", "info"], env=env,
-                             capture_output=True, text=True, timeout=60, check=True).stdout
-    assert printed.strip() == shown.strip()
+    result = cli("info", extra_env=load_env_dump("batch_step_multinode.env"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == shown.strip()
