@@ -272,17 +272,23 @@ def _timed(ex, n, workers, body):
         ex.close()
 
 
-def case_map(ex, n, workers):
-    def body():
-        t0 = time.perf_counter()
-        total = 0
-        for r in ex.map(inc, range(n), n):
-            total += r
-        dt = time.perf_counter() - t0
-        check(total == n * (n + 1) // 2, f"sum of inc over range({n})")
-        return {"seconds": dt, "items_per_s": n / dt}
+def _inc_rate(start_map, items):
+    """Read ``start_map()``, a map of ``inc`` over ``range(items)``, as it
+    comes: its time and rate, once the results are checked."""
+    t0 = time.perf_counter()
+    total = 0
+    for r in start_map():
+        total += r
+    dt = time.perf_counter() - t0
+    check(total == items * (items + 1) // 2, f"sum of inc over range({items})")
+    return {"seconds": dt, "items_per_s": items / dt}
 
-    return _timed(ex, n, workers, body)
+
+def case_map(ex, n, workers):
+    def start_map():
+        return ex.map(inc, range(n), n)
+
+    return _timed(ex, n, workers, lambda: _inc_rate(start_map, n))
 
 
 def case_submit(ex, n, workers):
@@ -400,16 +406,10 @@ CHUNKED_ITEMS = 100_000
 
 
 def case_chunksize(ex, n, workers):
-    def body():
-        t0 = time.perf_counter()
-        total = 0
-        for r in ex.map_chunks(inc, range(CHUNKED_ITEMS), n):
-            total += r
-        dt = time.perf_counter() - t0
-        check(total == CHUNKED_ITEMS * (CHUNKED_ITEMS + 1) // 2, "sum of inc")
-        return {"seconds": dt, "items_per_s": CHUNKED_ITEMS / dt}
+    def start_map():
+        return ex.map_chunks(inc, range(CHUNKED_ITEMS), n)
 
-    return _timed(ex, n, workers, body)
+    return _timed(ex, n, workers, lambda: _inc_rate(start_map, CHUNKED_ITEMS))
 
 
 def case_results(ex, n, workers):

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import checkout_commit
+
 REPO = Path(__file__).resolve().parents[1]
 CALL_SECONDS = 0.025
 MARKER = "CENTRAL_COST "
@@ -91,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = [_child(members, args.batches)
             for _ in range(args.repeats) for members in args.members]  # interleaved
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip() or "unknown"
-    table = report(rows, commit, args.repeats)
+    table = report(rows, checkout_commit(), args.repeats)
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, "central_cost.md").write_text(table)
     print(table)

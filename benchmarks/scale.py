@@ -41,6 +41,8 @@ import time
 import uuid
 from pathlib import Path
 
+from benchmarks import checkout_commit
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 CLUSTER_SH = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -276,17 +278,6 @@ def run_srun(nodes: int, cpus: int, sizes: dict[str, float], timeout: float, wor
     return record
 
 
-def _commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 FIGURES = [
     ("ready_s", "ready, s", "{:.2f}"),
     ("map_items_per_s", "map items/s", "{:,.0f}"),
@@ -389,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = {k: plan[k] for k in ("map_items", "sleeps_per_worker", "submits", "idle_seconds")}
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, object] = {"commit": _commit(), "when": time.strftime("%Y-%m-%d %H:%M"),
+    results: dict[str, object] = {"commit": checkout_commit(), "when": time.strftime("%Y-%m-%d %H:%M"),
                                   "sizes": sizes, "local": {}, "srun": {}}
     if not args.srun:
         for n in plan["local"]:  # type: ignore[attr-defined]

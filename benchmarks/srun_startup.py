@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks import checkout_commit
+
 MARKER = "SRUN_STARTUP "
 REPO = Path(__file__).resolve().parents[1]
 TASKS = 6
@@ -143,9 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the job printed no measurements:\n{job.describe()}", file=sys.stderr)
         return 1
     rows = json.loads(line[len(MARKER):])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                            capture_output=True, text=True).stdout.strip() or "unknown"
-    table = report(rows, commit)
+    table = report(rows, checkout_commit())
     os.makedirs(args.out, exist_ok=True)
     Path(args.out, "srun_startup.md").write_text(table)
     print(table)

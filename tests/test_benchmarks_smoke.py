@@ -50,10 +50,16 @@ def not_verified(results: dict, plan: dict, repeats: int) -> list[str]:
     return problems
 
 
-@pytest.mark.timeout(400)
-def test_quick_benchmark_runs_every_executor_and_writes_its_report(tmp_path):
+def benchmark_env() -> dict[str, str]:
+    """Ours, without the job's SLURM or executor settings, with the repository importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SULIS_EXECUTOR_"))}
     env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+@pytest.mark.timeout(400)
+def test_quick_benchmark_runs_every_executor_and_writes_its_report(tmp_path):
+    env = benchmark_env()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(tmp_path)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=360,
@@ -84,8 +90,7 @@ def test_an_mpi4py_run_killed_at_its_timeout_leaves_no_shared_memory_behind():
 
 @pytest.mark.timeout(120)
 def test_the_central_cost_benchmark_writes_its_table(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SULIS_EXECUTOR_"))}
-    env["PYTHONPATH"] = str(REPO)
+    env = benchmark_env()
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.central_cost", "--members", "2", "--batches", "20",
          "--repeats", "1", "--out", str(tmp_path)],
