@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 
 from tests.slurm.jobs import (
+    Job,
     finished_cleanly,
     poll_job,
     result_line,
     scancel,
+    shape,
     submit,
 )
 
@@ -76,6 +78,14 @@ def _batch(tmp_path: Path, n: int) -> Path:
     return batch
 
 
+def submit_slow_map(slurm_conf: str, tmp_path: Path, workdir: Path, minutes: int,
+                    env: dict[str, str]) -> Job:
+    """240 one-second calls on one node's 2 tasks, with ``minutes`` of wall time."""
+    workdir.mkdir(exist_ok=True)
+    return submit(_batch(tmp_path, 240), workdir, slurm_conf, f"--time={minutes}", *shape(1, 2),
+                  env=env)
+
+
 def journal_calls(path: Path) -> int:
     """How many calls ``sulis-executor journal`` says the journal holds."""
     out = subprocess.run([sys.executable, "-m", "sulis_executor", "journal", str(path)],
@@ -101,11 +111,7 @@ def test_map_past_the_time_limit_ends_cleanly_and_a_second_job_runs_only_the_res
     env = {"SULIS_EXECUTOR_WALLTIME_MARGIN": "15", "SULIS_EXECUTOR_JOURNAL": str(journal),
            "CALLS_DIR": str(calls)}
     # 240 one-second calls on 2 workers need two minutes; the job has one.
-    first_dir = tmp_path / "first"
-    first_dir.mkdir()
-    job = submit(_batch(tmp_path, 240), first_dir, slurm_conf, "--time=1", "--nodes=1",
-                 "--ntasks=2", "--cpus-per-task=1", "--mem-per-cpu=500",
-                 env={**env, "RUN_TAG": "first"})
+    job = submit_slow_map(slurm_conf, tmp_path, tmp_path / "first", 1, {**env, "RUN_TAG": "first"})
     finished_cleanly(job, timeout=200)
     result = result_line(job)
     assert result["ok"] is True, job.describe()
@@ -118,11 +124,8 @@ def test_map_past_the_time_limit_ends_cleanly_and_a_second_job_runs_only_the_res
     assert recorded >= int(result["finished"]), job.describe()  # type: ignore[call-overload]
 
     # The rerun, with time enough: only what the journal lacks runs.
-    second_dir = tmp_path / "second"
-    second_dir.mkdir()
-    rerun = submit(_batch(tmp_path, 240), second_dir, slurm_conf, "--time=5", "--nodes=1",
-                   "--ntasks=2", "--cpus-per-task=1", "--mem-per-cpu=500",
-                   env={**env, "RUN_TAG": "second"})
+    rerun = submit_slow_map(slurm_conf, tmp_path, tmp_path / "second", 5,
+                            {**env, "RUN_TAG": "second"})
     finished_cleanly(rerun, timeout=300)
     again = result_line(rerun)
     assert again["ok"] is True and again["finished"] == 240 and again["error"] is None, rerun.describe()
@@ -132,9 +135,8 @@ def test_map_past_the_time_limit_ends_cleanly_and_a_second_job_runs_only_the_res
 
 
 def test_sigusr1_stops_starting_calls(slurm_conf: str, tmp_path: Path) -> None:
-    job = submit(_batch(tmp_path, 240), tmp_path, slurm_conf, "--time=5", "--nodes=1",
-                 "--ntasks=2", "--cpus-per-task=1", "--mem-per-cpu=500",
-                 env={"SULIS_EXECUTOR_JOURNAL": str(tmp_path / "run.journal")})
+    job = submit_slow_map(slurm_conf, tmp_path, tmp_path, 5,
+                          {"SULIS_EXECUTOR_JOURNAL": str(tmp_path / "run.journal")})
     # Once calls run, the batch shell (exec'd into python) gets SIGUSR1.
     poll_job(job, lambda: True if "STARTED" in job.text() else None, "the map to start", 120)
     scancel(job, "--batch", "--signal=USR1", check=True)
