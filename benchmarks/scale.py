@@ -4,6 +4,7 @@
                                            #   srun on 3x2, 8x4, 16x8 and 1x128
     python -m benchmarks.scale --quick     # the CI variant: smaller sizes, fewer shapes
     python -m benchmarks.scale --local     # local only (or --srun: srun only)
+    python -m benchmarks.scale --shapes 128,16x8   # only these sizes (local n, srun NxC)
 
 Every measurement runs in a fresh process (``--child``), as in
 ``benchmarks.run``. Local mode: ``SulisDaskExecutor(max_workers=n)`` and
@@ -40,6 +41,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 from benchmarks import checkout_commit
 
@@ -363,6 +365,19 @@ def plot(results: dict[str, object], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
+def only_shapes(text: str) -> dict[str, list[Any]]:
+    """``"128,16x8"`` -> local sizes ``[128]`` and srun shapes ``[(16, 8)]``."""
+    local: list[int] = []
+    srun: list[tuple[int, int]] = []
+    for shape in filter(None, (part.strip() for part in text.split(","))):
+        if "x" in shape:
+            nodes, cpus = shape.split("x")
+            srun.append((int(nodes), int(cpus)))
+        else:
+            local.append(int(shape))
+    return {"local": local, "srun": srun}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the CI variant")
@@ -370,10 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--srun", action="store_true", help="srun mode only")
     parser.add_argument("--out", type=Path, default=None, help="results directory")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    parser.add_argument("--shapes", default=None,
+                        help="only these sizes, comma-separated: local n (128), srun NODESxCPUS (16x8)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "WORKERS"), help=argparse.SUPPRESS)
     parser.add_argument("--sizes", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    plan = QUICK if args.quick else FULL
+    plan = dict(QUICK if args.quick else FULL)
+    if args.shapes:
+        plan.update(only_shapes(args.shapes))
     if args.child:
         child(args.child[0], int(args.child[1]), json.loads(args.sizes))
         return 0
