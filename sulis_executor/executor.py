@@ -36,13 +36,12 @@ import os
 import signal
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-from . import _dask_private, _journal, _remote
+from . import _journal
 from ._calls import CallTiming
 from ._engine import Engine
 from ._map import (
@@ -54,96 +53,18 @@ from ._map import (
     ordered_results,
 )
 from ._quiet import silence_dask_logs
-from ._security import DeferredSecurity
-from ._signals import leave_signals_to_main_thread
-from ._versions import check_workers, raise_if_refused
+from ._startup import launch_security, start_engine
 from ._walltime import Walltime, install_signal_handler, job_end_time, register
 from .config import ExecutorOptions, resolve_options
-from .errors import BrokenSulisExecutor, ClusterStartupTimeout, UnpicklableError
+from .errors import BrokenSulisExecutor, UnpicklableError
 from .launchers import choose_launch_mode, make_launcher
-from .launchers._existing import PublishedLauncher, find_existing_cluster
-from .launchers._scheduler import in_process_scheduler
-from .launchers.base import Cluster
+from .launchers._existing import find_existing_cluster
 
 __all__ = ["SulisDaskExecutor"]
 
 logger = logging.getLogger("sulis_executor")
 
 T = TypeVar("T")
-
-
-#: Modes in which the executor starts the cluster, and so makes its credentials.
-SELF_STARTED_MODES = ("local", "srun", "mpi")
-
-
-def job_security(mode: str, options: ExecutorOptions) -> Any:
-    """The ``distributed.Security`` for this cluster, or ``None`` for plain TCP.
-
-    A cluster we start gets TLS with credentials made for it alone. For a
-    cluster someone else started, ``None`` lets Dask use its own
-    configuration (``distributed.comm.tls.*``), unless a ``Security`` object
-    was given.
-    """
-    if options.security is False:
-        return None
-    if options.security is True:
-        if mode in SELF_STARTED_MODES:
-            from ._security import generate_credentials, security_from
-
-            return security_from(generate_credentials())
-        return None
-    return options.security
-
-
-def _probe(address: str, security: Any, timeout: float) -> None:
-    """Connect once to ``address`` and hang up, on a private event loop.
-
-    A ``distributed.Client`` whose constructor fails to connect is left for
-    the garbage collector, and its ``__del__`` can deadlock on Dask's loop
-    lock when that runs at the wrong moment; so we find out first, with no
-    client to leave behind. Raises what connecting raises.
-    """
-    import asyncio
-
-    from distributed.comm import connect
-
-    async def attempt() -> None:
-        args = security.get_connection_args("client") if security is not None else {}
-        comm = await connect(address, timeout=timeout, **args)
-        await comm.close()
-
-    # In a thread of its own: the caller may already run an event loop
-    # (a notebook does), where asyncio.run would refuse.
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            asyncio.run(attempt())
-        except BaseException as error:
-            outcome.append(error)
-
-    thread = threading.Thread(target=run, name="sulis-executor-probe", daemon=True)
-    with leave_signals_to_main_thread():
-        thread.start()
-    thread.join(timeout + 5)
-    if outcome:
-        raise outcome[0]
-    if thread.is_alive():
-        raise TimeoutError(f"no answer from {address} within {timeout:g} s")
-
-
-def _connect_error(cluster: Any, timeout: float, error: BaseException) -> Exception:
-    """Say which scheduler could not be reached, and what to check."""
-    where = cluster.description or str(cluster.target)
-    if isinstance(error, TypeError) and "TLS" in str(error):
-        return ValueError(
-            f"{where} requires TLS, and no credentials were given: pass "
-            f"security=distributed.Security(...) with that cluster's certificates"
-        )
-    return ClusterStartupTimeout(
-        f"could not connect to {where} within {timeout:g} s ({error}); check that the "
-        f"scheduler is running and reachable from here, or raise timeout="
-    )
 
 
 #: Set once the interpreter has begun to exit (see _finish_at_exit).
@@ -380,12 +301,14 @@ class SulisDaskExecutor(Executor):
         self._journal = (None if self._options.journal is None
                          else _journal.open_journal(self._options.journal))
         try:
-            self._launcher = make_launcher(self._mode, self._options, self._job_security(), existing)
+            security = launch_security(self._mode, self._options)
+            self._launcher = make_launcher(self._mode, self._options, security, existing)
             # In a SLURM job: no call starts too near the time limit, or after
             # SIGUSR1 (see _walltime).
             self._walltime = Walltime(None, self._options.walltime_margin)
             install_signal_handler(os.environ)
-            self._engine = self._start(initializer, tuple(initargs))
+            self._engine = start_engine(self._launcher, self._options, self._walltime,
+                                        initializer, tuple(initargs))
         except BaseException:
             if self._journal is not None:
                 self._journal.flush()
@@ -399,128 +322,6 @@ class SulisDaskExecutor(Executor):
         # Collected without shutdown(), the executor only lets go: its work
         # still finishes, and the cluster closes after (see _Lifetime).
         self._lifetime.hold(self)
-
-    def _job_security(self) -> Any:
-        if self._mode in ("local", "srun"):
-            # Made once the workers are on their way (see DeferredSecurity).
-            return DeferredSecurity(lambda: job_security(self._mode, self._options))
-        return job_security(self._mode, self._options)
-
-    def _start(self, initializer: Callable[..., object] | None, initargs: tuple[Any, ...]) -> Engine:
-        from distributed import Client
-
-        started = time.monotonic()
-        deadline = started + self._options.timeout
-        try:
-            cluster = self._launcher.start(self._options.timeout)
-            try:
-                if isinstance(cluster.target, str):
-                    _probe(cluster.target, cluster.security, max(1.0, deadline - time.monotonic()))
-                # Its event loop's thread, if it starts one, leaves signals
-                # to the main thread (see _signals); the probe has shown the
-                # scheduler answers, so this takes milliseconds.
-                with leave_signals_to_main_thread():
-                    client = Client(
-                        cluster.target,
-                        security=cluster.security,
-                        timeout=max(1.0, deadline - time.monotonic()),
-                        set_as_default=True,
-                    )
-            except (OSError, TimeoutError, TypeError) as error:
-                raise _connect_error(cluster, self._options.timeout, error) from error
-        except BaseException:  # Ctrl-C or SIGTERM too: never leave workers behind
-            self._launcher.close(timeout=10)
-            raise
-        token = uuid.uuid4().hex
-        launcher: Any = self._launcher
-        try:
-            if initializer is not None:
-                client.register_plugin(
-                    _remote.InitializerPlugin(initializer, initargs),
-                    name=_remote.initializer_plugin_name(token),
-                )
-            if cluster.min_workers:
-                self._wait_for_workers(client, cluster, deadline)
-            self._check_versions(client, cluster, deadline)
-            # While open, Dask's config names this cluster: Client() joins it.
-            launcher = PublishedLauncher(self._launcher, client)
-            engine = Engine(client, launcher, token, initializer is not None,
-                            cluster.workers_reachable, cluster.shared_directory,
-                            one_call_per_task=self._options.max_tasks_per_child is not None,
-                            scheduler=in_process_scheduler(cluster.target),
-                            walltime=self._walltime)
-            try:
-                if cluster.expected_members:
-                    self._wait_for_members(engine, cluster, deadline)
-            except BaseException:
-                engine.close(timeout=10)  # the client and the cluster with it
-                raise
-        except BaseException:
-            client.close()
-            launcher.close(timeout=10)
-            raise
-        logger.info(
-            "%s ready: %d workers in %.2f s",
-            cluster.description,
-            _dask_private.worker_count(client),
-            time.monotonic() - started,
-        )
-        return engine
-
-    @staticmethod
-    def _wait_for_members(engine: Engine, cluster: Cluster, deadline: float) -> None:
-        """Wait until the nodes' pools have ``expected_members`` members in
-        all (each member joins its agent once it has started)."""
-        count = cluster.expected_members
-        while engine.worker_count() < count:
-            if time.monotonic() > deadline:
-                raise ClusterStartupTimeout(
-                    f"only {engine.worker_count()} of the {count} worker processes of "
-                    f"{cluster.description} started before the timeout; check the job's output "
-                    f"for errors, or raise timeout="
-                )
-            time.sleep(0.005)
-
-    @staticmethod
-    def _wait_for_workers(client: Any, cluster: Cluster, deadline: float) -> None:
-        count = cluster.min_workers
-        # A scheduler in this process is watched directly: Client.wait_for_workers
-        # asks the scheduler every 0.1 s, a tenth of a second of start-up time.
-        scheduler = getattr(cluster.target, "scheduler", None)
-        try:
-            if scheduler is not None and hasattr(scheduler, "workers"):
-                while len(scheduler.workers) < count:
-                    raise_if_refused(scheduler)  # a worker of another version
-                    if time.monotonic() > deadline:
-                        raise TimeoutError
-                    time.sleep(0.005)
-            else:
-                client.wait_for_workers(count, timeout=max(0.1, deadline - time.monotonic()))
-        except TimeoutError:
-            arrived = _dask_private.worker_count(client)
-            raise ClusterStartupTimeout(
-                f"only {arrived} of {count} workers of {cluster.description} arrived before the "
-                f"timeout; check the workers' output for errors, that they can reach the "
-                f"scheduler on the chosen interface, or raise timeout="
-            ) from None
-
-    @staticmethod
-    def _check_versions(client: Any, cluster: Cluster, deadline: float) -> None:
-        """Raise ``VersionMismatchError`` if a worker runs another version:
-        one our scheduler refused, or one of a cluster someone else runs."""
-        scheduler = in_process_scheduler(cluster.target)
-        if scheduler is not None:
-            raise_if_refused(scheduler)
-            return
-        timeout = max(1.0, deadline - time.monotonic())
-        try:
-            check_workers(client, timeout)
-        except TimeoutError:
-            raise ClusterStartupTimeout(
-                f"the workers of {cluster.description} did not say which version of "
-                f"sulis_executor they run within {timeout:g} s; check that they are "
-                "responsive, or raise timeout="
-            ) from None
 
     def __reduce__(self) -> Any:
         raise UnpicklableError(
