@@ -25,7 +25,7 @@ break the executor (``mark_broken``), which fails what was pending.
 
 The engine is kept apart from the executor object on purpose: threads and
 callbacks refer to the engine only, so an executor that is dropped can be
-garbage collected (see ``executor``).
+garbage collected (see ``_lifetime``).
 """
 
 from __future__ import annotations
