@@ -85,6 +85,7 @@ def start_engine(launcher: Launcher, options: ExecutorOptions, walltime: Walltim
             # to the main thread (see _signals); the probe has shown the
             # scheduler answers, so this takes milliseconds.
             with leave_signals_to_main_thread():
+                _dask_private.start_offload_thread()
                 client = Client(
                     cluster.target,
                     security=cluster.security,
