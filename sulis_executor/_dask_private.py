@@ -328,3 +328,22 @@ def keep_signals_out_of_gc() -> None:
         if callback in gc.callbacks:
             gc.callbacks[gc.callbacks.index(callback)] = operator.is_
         diagnosis._gc_callback = operator.is_
+
+
+def start_offload_thread() -> None:
+    """Have Dask's offload thread (``distributed.utils._offload_executor``,
+    one per process, where every event loop deserializes large messages)
+    start now, in the calling thread, if it has not started yet.
+
+    A thread inherits its signal mask from the thread that starts it, and
+    this one starts on the first large message any event loop of the
+    process receives: a loop the executor did not start (a ``LocalCluster``
+    of the caller's, its scheduler then in this process) would make it take
+    Ctrl-C (see ``_signals``). Called while the executor's threads start,
+    it begins with theirs."""
+    from distributed import utils
+
+    executor = getattr(utils, "_offload_executor", None)
+    if executor is None:
+        return
+    executor.submit(int).result(timeout=10)

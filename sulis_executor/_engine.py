@@ -6,17 +6,17 @@ way through it:
 1. **Queued.** ``submit`` and ``map`` put calls in a :class:`~._batching.CallQueue`.
 2. **Sent.** While the cluster has room (two batches per worker thread),
    the queue's calls leave in batches, pickled (``_packing``, ``_shared``),
-   and one of two transports owns each batch until its result is back: the
-   nodes' agents (``_agent_transport``), when the executor started the
-   cluster, whose scheduler then runs in this process; or Dask tasks
-   (``_tasks``), for a cluster someone else started, and for batches that
-   hold Dask data.
+   and ``_in_flight`` owns each batch until its result is back, sent by one
+   of two transports: the nodes' agents (``_agent_transport``), when the
+   executor started the cluster, whose scheduler then runs in this process;
+   or Dask tasks (``_tasks``), for a cluster someone else started, and for
+   batches that hold Dask data.
 3. **Settled.** Results come back to the engine's collector thread, from
    the scheduler's event loop (an agent's result) or Dask's callbacks (a
    task's end, whose result is then fetched), through one queue
-   (``_notes``); the collector turns them into the futures' states (see
-   ``_settle``), then sends what there is room for. When idle, it checks
-   the cluster is still there (``_health``).
+   (``_notes``); the collector has ``_in_flight`` turn them into the
+   futures' states (see ``_settle``), then sends what there is room for.
+   When idle, it checks the cluster is still there (``_health``).
 
 Settling runs in the collector only: the futures' done callbacks, which are
 the user's code, never run on an event loop. Every wait on the cluster has
@@ -25,7 +25,7 @@ break the executor (``mark_broken``), which fails what was pending.
 
 The engine is kept apart from the executor object on purpose: threads and
 callbacks refer to the engine only, so an executor that is dropped can be
-garbage collected (see ``executor``).
+garbage collected (see ``_lifetime``).
 """
 
 from __future__ import annotations
@@ -38,14 +38,14 @@ from concurrent.futures import CancelledError, Future
 from typing import Any
 
 from . import _dask_private, _remote
-from ._agent_transport import WAKE, AgentResult, AgentsFailed, AgentTransport, in_event_loop
+from ._agent_transport import WAKE, AgentTransport, in_event_loop
 from ._batching import CallQueue
-from ._calls import Batch, Call, CallTiming
+from ._calls import Call, CallTiming
 from ._health import ClusterHealth
+from ._in_flight import STOP, InFlight, Withdraw, items
 from ._packing import Packer
-from ._settle import deliver
 from ._shared import SharedBuffers
-from ._tasks import Fetched, TaskTransport, died_error
+from ._tasks import TaskTransport
 from ._walltime import Walltime
 from .errors import BrokenSulisExecutor, RemoteTraceback, WalltimeExceeded
 
@@ -53,20 +53,6 @@ logger = logging.getLogger("sulis_executor")
 
 #: How often an idle collector checks that the scheduler is still there.
 SCHEDULER_CHECK_INTERVAL = 0.5
-
-#: Tells the collector to stop (a note, besides Dask futures, _tasks.Fetched
-#: and the agent transport's notes).
-_STOP = object()
-
-
-class _Withdraw:
-    """Withdraw these map chunks from the cluster."""
-
-    __slots__ = ("futures",)
-
-    def __init__(self, futures: list[Future[Any]]) -> None:
-        self.futures = futures
-
 
 def _saturation(client: Any) -> float:
     """The scheduler's ``worker-saturation``: how many tasks per thread it
@@ -92,7 +78,6 @@ class Engine:
         # The job's time limit and SIGUSR1: when reached, queued calls fail
         # with WalltimeExceeded instead of starting (see _walltime).
         self._walltime = walltime
-        self._finished_calls = 0
         self._unstarted_calls = 0
         self.launcher = launcher
         self.token = token
@@ -130,6 +115,8 @@ class Engine:
         if scheduler is not None:
             self._agents = AgentTransport(scheduler, has_initializer, self._notes,
                                           self._members_changed)
+        self._in_flight = InFlight(self._tasks, self._agents, self._shared, self._call_timing,
+                                   self._ran, self._broken_by_initializer, self._check_health)
         self._packer = Packer(self._shared, inline_whole=self._agents is not None,
                               collector=lambda: self._collector)
         self._refresh_threads()
@@ -198,9 +185,6 @@ class Engine:
     def _members_changed(self) -> None:
         self._threads_checked = 0.0  # recount at the next look
 
-    def _in_flight(self) -> int:
-        return self._tasks.count() + (self._agents.count() if self._agents is not None else 0)
-
     def _pump(self) -> None:
         """Send batches while the cluster has room: two per worker thread,
         one running and one ready."""
@@ -211,7 +195,7 @@ class Engine:
                 if self._walltime is not None and self._queue and self._walltime.stopped():
                     self._fail_unstarted(self._walltime.reason or "")
                     break
-                room = self._per_thread * self.threads - self._in_flight()
+                room = self._per_thread * self.threads - self._in_flight.count()
                 groups = self._queue.take(room, lambda: self.threads) if room > 0 else []
                 if not groups:
                     break
@@ -219,7 +203,7 @@ class Engine:
         finally:
             self._send_lock.release()
         # Work may have been queued while we held the send lock and returned.
-        if (self._queue and self._in_flight() < self._per_thread * self._threads
+        if (self._queue and self._in_flight.count() < self._per_thread * self._threads
                 and self.broken is None and not self._closed):
             self._pump()
 
@@ -230,19 +214,16 @@ class Engine:
     def _fail_unstarted(self, reason: str) -> None:
         """Fail every queued call with WalltimeExceeded: none will start."""
         calls = [call for call in self._queue.drain() if not call.future.cancelled()]
-        self._unstarted_calls += sum(_items(call) for call in calls)
-        running = sum(_items(call) for batch in [*self._tasks.batches(), *(
-            self._agents.batches() if self._agents is not None else [])] for call in batch.calls)
-        message = (f"{reason}: this call was not started. {self._finished_calls} calls finished "
-                   f"in this executor, {running} were running and {self._unstarted_calls} were "
-                   f"not started; save the "
+        self._unstarted_calls += sum(items(call) for call in calls)
+        message = (f"{reason}: this call was not started. {self._in_flight.finished_calls} calls "
+                   f"finished in this executor, {self._in_flight.running_calls()} were running and "
+                   f"{self._unstarted_calls} were not started; save the "
                    f"results you have and end the script (a resumed job can run the rest)")
         for call in calls:
             call.set(WalltimeExceeded(message), error=True)
 
     def _send(self, groups: list[list[Call]]) -> None:
-        """Pickle each group of calls as one batch, and send it: to the
-        agents, or as a Dask task."""
+        """Pickle each group of calls as one batch, and send it (see ``_in_flight``)."""
         prepared = []
         try:
             for calls in groups:
@@ -258,18 +239,7 @@ class Engine:
                 for call in calls:
                     call.set(CancelledError(), error=True)
             raise
-        to_agents, as_tasks = [], []
-        for batch, pickled in prepared:
-            if self._agents is not None and not pickled.needs_dask:
-                batch.pickled = pickled
-                to_agents.append(batch)
-            else:
-                as_tasks.append((batch, pickled))
-        if to_agents:
-            self._agents.send(to_agents)  # type: ignore[union-attr]
-        if as_tasks:
-            for batch, error in self._tasks.send(as_tasks):
-                self._drop(batch, error)
+        self._in_flight.send(prepared)
 
     # -- results (the collector thread) --------------------------------------------
 
@@ -287,13 +257,13 @@ class Engine:
                 except queue.Empty:
                     break
             try:
-                self._handle(notes)
+                self._in_flight.handle(notes)
                 # Also under steady load, when the queue is never empty for long.
                 self._shared.release_idle()
             except BaseException:  # never let the collector die: futures would hang
                 # (Not the main thread: no Ctrl-C is swallowed here.)
                 logger.exception("sulis_executor: error while collecting results")
-            stop = any(note is _STOP for note in notes)
+            stop = any(note is STOP for note in notes)
             # Notes refer to batches, and so to futures and their results:
             # let go of them while waiting for the next.
             del notes
@@ -301,42 +271,11 @@ class Engine:
                 return
             self._pump()
 
-    def _handle(self, notes: list[Any]) -> None:
-        dask_futures = []
-        withdraw = []
-        for note in notes:
-            if isinstance(note, AgentResult):
-                self._settle(note.batch, note.payload)
-            elif isinstance(note, AgentsFailed):
-                for batch in note.batches:
-                    self._drop(batch, died_error(batch))
-            elif isinstance(note, Fetched):
-                for batch, payload in self._tasks.fetched(note):
-                    self._settle(batch, payload)
-            elif isinstance(note, _Withdraw):
-                withdraw.append(note.futures)
-            elif note is not _STOP and note is not WAKE:
-                dask_futures.append(note)
-        if dask_futures:
-            if any(f.status == "cancelled" for f in dask_futures):
-                self._check_health()  # only the client cancels our tasks, when the scheduler is gone
-            for batch, payload in self._tasks.collect(dask_futures):
-                self._settle(batch, payload)
-        if withdraw:
-            self._withdraw(withdraw)
-
-    def _settle(self, batch: Batch, payload: Any) -> None:
-        items = sum(_items(call) for call in batch.calls)
-        seconds = deliver(batch, payload, self._call_timing, self._broken_by_initializer)
-        if seconds is not None:
-            self._finished_calls += items
-            if self._walltime is not None:
-                self._walltime.observe(seconds)
-        self._shared.done(batch.shared_keys)
-
-    def _drop(self, batch: Batch, error: BaseException) -> None:
-        batch.settle(error)
-        self._shared.done(batch.shared_keys)
+    def _ran(self, seconds: float) -> None:
+        """A batch took ``seconds`` on its worker: the next may take as long
+        (the time limit allows for it)."""
+        if self._walltime is not None:
+            self._walltime.observe(seconds)
 
     def _broken_by_initializer(self, message: str, tb: str) -> BaseException:
         self.mark_broken(message, tb)
@@ -362,14 +301,11 @@ class Engine:
                 return
             self.broken = message
             self._broken_tb = tb
-        batches = self._tasks.clear()
-        agents = self._agents.clear() if self._agents is not None else []
         error = self.broken_error()
-        for batch in [*batches, *agents]:
-            self._drop(batch, error)
+        tasks = self._in_flight.fail_all(error)
         for call in self._queue.drain():
             call.set(error, error=True)
-        self._tasks.cancel(batches, "the work of a broken executor")
+        self._in_flight.cancel_tasks(tasks)
 
     def abandon_chunks(self, futures: list[Future[Any]]) -> None:
         """Nobody will read these map chunks (the results iterator was closed,
@@ -386,29 +322,14 @@ class Engine:
             # A dropped iterator is collected in whatever thread, even Dask's
             # event loop, where the client's blocking calls cannot be made:
             # the collector withdraws them instead, a moment later.
-            self._notes.put(_Withdraw(handed))
-        else:
-            # Before returning, so that once close() returns nothing
-            # abandoned starts, however soon workers free up.
-            self._withdraw([handed])
-
-    def _withdraw(self, groups: list[list[Future[Any]]]) -> None:
-        futures = {id(future) for group in groups for future in group}
-        in_flight = [*self._tasks.batches(), *(self._agents.batches() if self._agents else [])]
-        keys = {batch.batch_id for batch in in_flight if batch.kind == _remote.CHUNK
-                and all(id(call.future) in futures for call in batch.calls)}
-        if not keys:
-            return
-        withdrawn = self._agents.withdraw(keys) if self._agents is not None else []
-        withdrawn += self._tasks.withdraw(keys - {batch.batch_id for batch in withdrawn})
-        for batch in withdrawn:
-            self._drop(batch, CancelledError())
-        if withdrawn:
+            self._notes.put(Withdraw(handed))
+        elif self._in_flight.withdraw([handed]):
+            # (Before returning, so that once close() returns nothing
+            # abandoned starts, however soon workers free up.)
             self._pump()  # their places on the cluster are free
 
     def unfinished_futures(self) -> list[Future[Any]]:
-        in_flight = [*self._tasks.batches(), *(self._agents.batches() if self._agents else [])]
-        return self._queue.futures() + [call.future for batch in in_flight for call in batch.calls]
+        return self._queue.futures() + self._in_flight.futures()
 
     def cancel_queued(self) -> None:
         for future in self._queue.futures():
@@ -428,10 +349,10 @@ class Engine:
                 return
             self._closed = True
         deadline = time.monotonic() + timeout
-        self._notes.put(_STOP)
+        self._notes.put(STOP)
         if self._collector is not threading.current_thread():
             self._collector.join(timeout)
-        batches = [*self._tasks.clear(), *(self._agents.close() if self._agents else [])]
+        batches = self._in_flight.close()
         for call in self._queue.drain():
             call.future.cancel()
         for batch in batches:
@@ -446,9 +367,3 @@ class Engine:
         except Exception:
             logger.debug("error closing the cluster", exc_info=True)
 
-
-def _items(call: Call) -> int:
-    """How many of the user's calls ``call`` stands for (a map chunk: its items)."""
-    if call.kind == _remote.CHUNK and call.body is not None:
-        return len(call.body[1])
-    return 1

@@ -1,50 +1,27 @@
 """`SulisDaskExecutor`: a `concurrent.futures.Executor` that runs on Dask.
 
-Lifetime. As with ``ProcessPoolExecutor``, work once submitted is never
-dropped. An executor's engine (its cluster) is kept by a ``_Lifetime``,
-whose users are the executor and each of its ``map`` results iterators
-still open. ``shutdown()`` refuses new work and closes the engine once every
-submitted call has settled (at once, or in a closer thread for
-``wait=False``). An executor garbage collected without ``shutdown`` only
-lets go of its engine: iterators still open go on submitting their chunks,
-futures already handed out still get their results, and the engine closes
-once no user is left and every call has settled.
-
-At interpreter exit, ``_finish_at_exit`` runs from ``threading``'s exit
-hooks, before ``concurrent.futures.thread``'s: that one makes every
-``ThreadPoolExecutor`` refuse work, which Dask needs to take a graph in or
-run a future's callbacks, so a call still waiting after it would never
-settle. Ours runs while Dask still works: from then on ``submit`` raises
-``RuntimeError('cannot schedule new futures after interpreter shutdown')``,
-and every open engine finishes its calls, without a deadline as
-``ProcessPoolExecutor`` does, then closes. Waiting cannot hang on a cluster
-that is gone: a lost scheduler breaks the engine, which fails its futures.
-Ctrl-C while waiting stops the wait: queued calls are cancelled, running
-ones fail, and the clusters close.
+Work once submitted is never dropped, as with ``ProcessPoolExecutor``, and
+an executor garbage collected without ``shutdown`` lets its work finish:
+how long its engine (its cluster) lives, and what happens at interpreter
+exit, is ``_lifetime``'s. How the cluster is started and joined is
+``_startup``'s; how calls reach it and come back, ``_engine``'s.
 """
 
 from __future__ import annotations
 
-import atexit
 import collections
-
-# Imported before our exit hook is registered, so that its own hook, which
-# stops every ThreadPoolExecutor, runs after ours (see _register_exit_hook).
-import concurrent.futures.thread  # noqa: F401
 import logging
 import os
 import signal
-import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
-from . import _dask_private, _journal, _remote
+from . import _journal
 from ._calls import CallTiming
-from ._engine import Engine
+from ._lifetime import Hold, Lifetime, interpreter_exiting, register_exit_hook, released_at_end
 from ._map import (
     AUTO_CHUNKSIZE,
     ChunkSizer,
@@ -54,16 +31,12 @@ from ._map import (
     ordered_results,
 )
 from ._quiet import silence_dask_logs
-from ._security import DeferredSecurity
-from ._signals import leave_signals_to_main_thread
-from ._versions import check_workers, raise_if_refused
+from ._startup import launch_security, start_engine
 from ._walltime import Walltime, install_signal_handler, job_end_time, register
 from .config import ExecutorOptions, resolve_options
-from .errors import BrokenSulisExecutor, ClusterStartupTimeout, UnpicklableError
+from .errors import BrokenSulisExecutor, UnpicklableError
 from .launchers import choose_launch_mode, make_launcher
-from .launchers._existing import PublishedLauncher, find_existing_cluster
-from .launchers._scheduler import in_process_scheduler
-from .launchers.base import Cluster
+from .launchers._existing import find_existing_cluster
 
 __all__ = ["SulisDaskExecutor"]
 
@@ -72,219 +45,8 @@ logger = logging.getLogger("sulis_executor")
 T = TypeVar("T")
 
 
-#: Modes in which the executor starts the cluster, and so makes its credentials.
-SELF_STARTED_MODES = ("local", "srun", "mpi")
-
-
-def job_security(mode: str, options: ExecutorOptions) -> Any:
-    """The ``distributed.Security`` for this cluster, or ``None`` for plain TCP.
-
-    A cluster we start gets TLS with credentials made for it alone. For a
-    cluster someone else started, ``None`` lets Dask use its own
-    configuration (``distributed.comm.tls.*``), unless a ``Security`` object
-    was given.
-    """
-    if options.security is False:
-        return None
-    if options.security is True:
-        if mode in SELF_STARTED_MODES:
-            from ._security import generate_credentials, security_from
-
-            return security_from(generate_credentials())
-        return None
-    return options.security
-
-
-def _probe(address: str, security: Any, timeout: float) -> None:
-    """Connect once to ``address`` and hang up, on a private event loop.
-
-    A ``distributed.Client`` whose constructor fails to connect is left for
-    the garbage collector, and its ``__del__`` can deadlock on Dask's loop
-    lock when that runs at the wrong moment; so we find out first, with no
-    client to leave behind. Raises what connecting raises.
-    """
-    import asyncio
-
-    from distributed.comm import connect
-
-    async def attempt() -> None:
-        args = security.get_connection_args("client") if security is not None else {}
-        comm = await connect(address, timeout=timeout, **args)
-        await comm.close()
-
-    # In a thread of its own: the caller may already run an event loop
-    # (a notebook does), where asyncio.run would refuse.
-    outcome: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            asyncio.run(attempt())
-        except BaseException as error:
-            outcome.append(error)
-
-    thread = threading.Thread(target=run, name="sulis-executor-probe", daemon=True)
-    with leave_signals_to_main_thread():
-        thread.start()
-    thread.join(timeout + 5)
-    if outcome:
-        raise outcome[0]
-    if thread.is_alive():
-        raise TimeoutError(f"no answer from {address} within {timeout:g} s")
-
-
-def _connect_error(cluster: Any, timeout: float, error: BaseException) -> Exception:
-    """Say which scheduler could not be reached, and what to check."""
-    where = cluster.description or str(cluster.target)
-    if isinstance(error, TypeError) and "TLS" in str(error):
-        return ValueError(
-            f"{where} requires TLS, and no credentials were given: pass "
-            f"security=distributed.Security(...) with that cluster's certificates"
-        )
-    return ClusterStartupTimeout(
-        f"could not connect to {where} within {timeout:g} s ({error}); check that the "
-        f"scheduler is running and reachable from here, or raise timeout="
-    )
-
-
-#: Set once the interpreter has begun to exit (see _finish_at_exit).
-_interpreter_exiting = False
-#: Lifetimes whose engines are still open, closed at exit if need be.
-_open_lifetimes: set[_Lifetime] = set()
-_open_lifetimes_lock = threading.Lock()
-
-
-class _Lifetime:
-    """Who still needs an engine, and closing it once nobody does (see the
-    module docstring). Never refers to the executor, so that one can be
-    garbage collected."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        # Guards shut_down and every submission, so that none slips in after
-        # shutdown or interpreter exit has begun waiting for the work.
-        self.lock = threading.Lock()
-        self.shut_down = False
-        self.pid = os.getpid()
-        self._closed = False
-        # Held only for arithmetic, never across a call that can block or
-        # allocate: _release runs from the garbage collector, in any thread.
-        self._users_lock = threading.Lock()
-        self._users = 0
-        self._closer: threading.Thread | None = None
-        # Held while closing, so that whoever else closes waits until it is done.
-        self._closing = threading.Lock()
-        with _open_lifetimes_lock:
-            _open_lifetimes.add(self)
-        # Registered after Dask's atexit handlers, so it runs before them.
-        atexit.register(self._close_at_exit)
-
-    def check_usable(self) -> None:
-        """Raise what ``ProcessPoolExecutor.submit`` raises for new work now."""
-        if self.engine.broken is not None:
-            raise self.engine.broken_error()
-        if self.shut_down:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        if _interpreter_exiting:
-            raise RuntimeError("cannot schedule new futures after interpreter shutdown")
-        if self._closed:  # never reached by a user: a safeguard
-            raise RuntimeError("cannot schedule new futures after shutdown")
-
-    def hold(self, user: object) -> weakref.finalize:
-        """Count ``user`` until it is garbage collected, or until the
-        finalizer returned is called, whichever comes first."""
-        with self._users_lock:
-            self._users += 1
-        release = weakref.finalize(user, self._release)
-        release.atexit = False  # interpreter exit has a hook of its own
-        return release
-
-    def _release(self) -> None:
-        # From the garbage collector too, even on Dask's event loop: must
-        # not block, so the waiting and closing happen in a thread.
-        with self._users_lock:
-            self._users -= 1
-            last = self._users == 0
-        if last:
-            self.close_when_idle()
-
-    def close_when_idle(self) -> None:
-        """Close once every call has settled, in a thread of its own (a
-        daemon: at exit, _finish_at_exit waits for the work instead)."""
-        closer = threading.Thread(target=self.finish, name="sulis-executor-shutdown", daemon=True)
-        with self._users_lock:
-            if self._closer is not None or self._closed:
-                return
-            self._closer = closer
-        closer.start()
-
-    def finish(self) -> None:
-        """Wait for every call submitted to settle, then close."""
-        self.engine.wait_idle()
-        self.close()
-
-    def close(self) -> None:
-        """Close the engine now: calls still queued are cancelled, running ones fail."""
-        with self._closing:
-            self._closed = True
-            self.engine.close(timeout=10)
-        with _open_lifetimes_lock:
-            _open_lifetimes.discard(self)
-        atexit.unregister(self._close_at_exit)
-
-    def _close_at_exit(self) -> None:
-        # Only if _finish_at_exit did not get to it (an error or a Ctrl-C in
-        # another of threading's exit hooks stops them all): too late to wait
-        # for the work (ThreadPoolExecutors are stopped), but Dask's event
-        # loops still run. Not in a forked child, which inherits the handler.
-        if self.pid == os.getpid():
-            self.close()
-
-
-def _finish_at_exit() -> None:
-    """At interpreter exit: refuse new work, let every open engine finish
-    its calls, and close it (see the module docstring)."""
-    global _interpreter_exiting
-    _interpreter_exiting = True
-    with _open_lifetimes_lock:
-        # Those of this process only: a forked child inherits the set, not
-        # the threads that would settle its futures.
-        lifetimes = [lifetime for lifetime in _open_lifetimes if lifetime.pid == os.getpid()]
-    try:
-        for lifetime in lifetimes:
-            with lifetime.lock:
-                pass  # a submission under way is queued by now, and waited for
-            try:
-                lifetime.finish()
-            except Exception:
-                logger.debug("error finishing an executor's work at exit", exc_info=True)
-    except KeyboardInterrupt:
-        # Ctrl-C while waiting: stop waiting, close every cluster, and let
-        # Python report it, as it does for ProcessPoolExecutor.
-        for lifetime in lifetimes:
-            try:
-                lifetime.close()
-            except Exception:
-                logger.debug("error closing an executor at exit", exc_info=True)
-        raise
-
-
-def _register_exit_hook() -> None:
-    """Run _finish_at_exit among ``threading``'s exit hooks, which run last
-    registered first, before the interpreter joins non-daemon threads and
-    before ``atexit`` handlers; ``concurrent.futures.thread`` registered
-    its own when imported, above, so ours runs before it. Where there are no
-    such hooks (not CPython), an ``atexit`` handler is the next best thing."""
-    register = getattr(threading, "_register_atexit", None)
-    if register is not None:
-        try:
-            register(_finish_at_exit)
-            return
-        except RuntimeError:  # imported while the interpreter exits
-            pass
-    atexit.register(_finish_at_exit)
-
-
-_register_exit_hook()
+# Last, once every module this one needs is imported (see register_exit_hook).
+register_exit_hook()
 
 
 class SulisDaskExecutor(Executor):
@@ -359,7 +121,7 @@ class SulisDaskExecutor(Executor):
             os.environ,
         )
         silence_dask_logs(self._options.verbose)
-        if _interpreter_exiting:
+        if interpreter_exiting():
             # Its cluster could not start reliably now, nor would it take work.
             raise RuntimeError("cannot start a SulisDaskExecutor after interpreter shutdown has begun")
         # Maps still reading their inputs, which shutdown finishes (see _map).
@@ -380,12 +142,14 @@ class SulisDaskExecutor(Executor):
         self._journal = (None if self._options.journal is None
                          else _journal.open_journal(self._options.journal))
         try:
-            self._launcher = make_launcher(self._mode, self._options, self._job_security(), existing)
+            security = launch_security(self._mode, self._options)
+            self._launcher = make_launcher(self._mode, self._options, security, existing)
             # In a SLURM job: no call starts too near the time limit, or after
             # SIGUSR1 (see _walltime).
             self._walltime = Walltime(None, self._options.walltime_margin)
             install_signal_handler(os.environ)
-            self._engine = self._start(initializer, tuple(initargs))
+            self._engine = start_engine(self._launcher, self._options, self._walltime,
+                                        initializer, tuple(initargs))
         except BaseException:
             if self._journal is not None:
                 self._journal.flush()
@@ -395,132 +159,10 @@ class SulisDaskExecutor(Executor):
         self._walltime.set_end(job_end_time(os.environ),
                                margin_is_default=self._options.sources.get("walltime_margin") == "default")
         register(self._engine)
-        self._lifetime = _Lifetime(self._engine)
+        self._lifetime = Lifetime(self._engine)
         # Collected without shutdown(), the executor only lets go: its work
-        # still finishes, and the cluster closes after (see _Lifetime).
+        # still finishes, and the cluster closes after (see _lifetime).
         self._lifetime.hold(self)
-
-    def _job_security(self) -> Any:
-        if self._mode in ("local", "srun"):
-            # Made once the workers are on their way (see DeferredSecurity).
-            return DeferredSecurity(lambda: job_security(self._mode, self._options))
-        return job_security(self._mode, self._options)
-
-    def _start(self, initializer: Callable[..., object] | None, initargs: tuple[Any, ...]) -> Engine:
-        from distributed import Client
-
-        started = time.monotonic()
-        deadline = started + self._options.timeout
-        try:
-            cluster = self._launcher.start(self._options.timeout)
-            try:
-                if isinstance(cluster.target, str):
-                    _probe(cluster.target, cluster.security, max(1.0, deadline - time.monotonic()))
-                # Its event loop's thread, if it starts one, leaves signals
-                # to the main thread (see _signals); the probe has shown the
-                # scheduler answers, so this takes milliseconds.
-                with leave_signals_to_main_thread():
-                    client = Client(
-                        cluster.target,
-                        security=cluster.security,
-                        timeout=max(1.0, deadline - time.monotonic()),
-                        set_as_default=True,
-                    )
-            except (OSError, TimeoutError, TypeError) as error:
-                raise _connect_error(cluster, self._options.timeout, error) from error
-        except BaseException:  # Ctrl-C or SIGTERM too: never leave workers behind
-            self._launcher.close(timeout=10)
-            raise
-        token = uuid.uuid4().hex
-        launcher: Any = self._launcher
-        try:
-            if initializer is not None:
-                client.register_plugin(
-                    _remote.InitializerPlugin(initializer, initargs),
-                    name=_remote.initializer_plugin_name(token),
-                )
-            if cluster.min_workers:
-                self._wait_for_workers(client, cluster, deadline)
-            self._check_versions(client, cluster, deadline)
-            # While open, Dask's config names this cluster: Client() joins it.
-            launcher = PublishedLauncher(self._launcher, client)
-            engine = Engine(client, launcher, token, initializer is not None,
-                            cluster.workers_reachable, cluster.shared_directory,
-                            one_call_per_task=self._options.max_tasks_per_child is not None,
-                            scheduler=in_process_scheduler(cluster.target),
-                            walltime=self._walltime)
-            try:
-                if cluster.expected_members:
-                    self._wait_for_members(engine, cluster, deadline)
-            except BaseException:
-                engine.close(timeout=10)  # the client and the cluster with it
-                raise
-        except BaseException:
-            client.close()
-            launcher.close(timeout=10)
-            raise
-        logger.info(
-            "%s ready: %d workers in %.2f s",
-            cluster.description,
-            _dask_private.worker_count(client),
-            time.monotonic() - started,
-        )
-        return engine
-
-    @staticmethod
-    def _wait_for_members(engine: Engine, cluster: Cluster, deadline: float) -> None:
-        """Wait until the nodes' pools have ``expected_members`` members in
-        all (each member joins its agent once it has started)."""
-        count = cluster.expected_members
-        while engine.worker_count() < count:
-            if time.monotonic() > deadline:
-                raise ClusterStartupTimeout(
-                    f"only {engine.worker_count()} of the {count} worker processes of "
-                    f"{cluster.description} started before the timeout; check the job's output "
-                    f"for errors, or raise timeout="
-                )
-            time.sleep(0.005)
-
-    @staticmethod
-    def _wait_for_workers(client: Any, cluster: Cluster, deadline: float) -> None:
-        count = cluster.min_workers
-        # A scheduler in this process is watched directly: Client.wait_for_workers
-        # asks the scheduler every 0.1 s, a tenth of a second of start-up time.
-        scheduler = getattr(cluster.target, "scheduler", None)
-        try:
-            if scheduler is not None and hasattr(scheduler, "workers"):
-                while len(scheduler.workers) < count:
-                    raise_if_refused(scheduler)  # a worker of another version
-                    if time.monotonic() > deadline:
-                        raise TimeoutError
-                    time.sleep(0.005)
-            else:
-                client.wait_for_workers(count, timeout=max(0.1, deadline - time.monotonic()))
-        except TimeoutError:
-            arrived = _dask_private.worker_count(client)
-            raise ClusterStartupTimeout(
-                f"only {arrived} of {count} workers of {cluster.description} arrived before the "
-                f"timeout; check the workers' output for errors, that they can reach the "
-                f"scheduler on the chosen interface, or raise timeout="
-            ) from None
-
-    @staticmethod
-    def _check_versions(client: Any, cluster: Cluster, deadline: float) -> None:
-        """Raise ``VersionMismatchError`` if a worker runs another version:
-        one our scheduler refused, or one of a cluster someone else runs."""
-        scheduler = in_process_scheduler(cluster.target)
-        if scheduler is not None:
-            raise_if_refused(scheduler)
-            return
-        timeout = max(1.0, deadline - time.monotonic())
-        try:
-            check_workers(client, timeout)
-        except TimeoutError:
-            raise ClusterStartupTimeout(
-                f"the workers of {cluster.description} did not say which version of "
-                f"sulis_executor they run within {timeout:g} s; check that they are "
-                "responsive, or raise timeout="
-            ) from None
 
     def __reduce__(self) -> Any:
         raise UnpicklableError(
@@ -652,9 +294,9 @@ class SulisDaskExecutor(Executor):
 
         # A map given buffersize submits only as it is read, as CPython's: not finished.
         finish = None if buffersize is not None else (self._maps.add, submit_rest)
-        hold = _Hold(lifetime)  # until the iterator ends, or is dropped
+        hold = Hold(lifetime)  # until the iterator ends, or is dropped
         try:
-            results = _released_at_end(
+            results = released_at_end(
                 ordered_results(fn, iterables, sizer, window, submit_chunks, end_time,
                                 engine.abandon_chunks, lambda: engine.threads, finish),
                 hold,
@@ -738,25 +380,6 @@ class SulisDaskExecutor(Executor):
         self._engine.cancel_queued()
         self._engine.mark_broken(f"the executor's worker processes were {done} by {method}()")
         self.shutdown(wait=False)
-
-
-class _Hold:
-    """A ``map`` results iterator's hold on its executor's engine, let go
-    once: when the iterator ends, or when it is garbage collected, even
-    unstarted (a generator not started runs no ``finally``)."""
-
-    __slots__ = ("release", "__weakref__")
-
-    def __init__(self, lifetime: _Lifetime) -> None:
-        self.release = lifetime.hold(self)
-
-
-def _released_at_end(results: Iterator[T], hold: _Hold) -> Iterator[T]:
-    # The frame keeps ``hold`` until the generator ends or is collected.
-    try:
-        yield from results
-    finally:
-        hold.release()
 
 
 def _record_outcome(journal: _journal.Journal, key: bytes | None, future: Future[Any]) -> None:

@@ -195,17 +195,17 @@ def test_ctrl_c_in_a_map_leaves_no_worker_behind(tmp_path: Path, target: str, ma
 CTRL_C_AT_START_SCRIPT = """
 import signal
 """ + TERMINAL_SIGINT + """
-from sulis_executor import SulisDaskExecutor
+from sulis_executor import SulisDaskExecutor, _startup
 
 # Say when start-up has come to waiting for the workers (everything else
 # it does is done by then).
-wait_for_workers = SulisDaskExecutor._wait_for_workers
+wait_for_workers = _startup._wait_for_workers
 
 def announced(*args):
     print("WAITING", flush=True)
     return wait_for_workers(*args)
 
-SulisDaskExecutor._wait_for_workers = staticmethod(announced)
+_startup._wait_for_workers = announced
 SulisDaskExecutor(max_workers=2, timeout=60)
 """
 

@@ -14,7 +14,8 @@ with the batch step and with any ``srun`` the user's own script runs later,
 and with ``--kill-on-bad-exit=0`` so that one worker dying (e.g. a task that
 segfaults) does not take the others down with it, and ``--no-kill`` so that
 neither does a node SLURM declares failed (in a job submitted with
-``--no-kill``; otherwise SLURM ends the whole job).
+``--no-kill``; otherwise SLURM ends the whole job). The ``srun`` process
+itself, its input and output and ending it, is ``_srun_step.SrunStep``'s.
 
 SIGTERM (``scancel``, the job reaching its time limit, ``timeout``, ``kill``)
 would end the script at once by default, skipping ``finally`` blocks, the
@@ -33,14 +34,12 @@ for workers that are gone), the step is cancelled and the process exits.
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -54,14 +53,11 @@ from ..config import ExecutorOptions
 from ..errors import ClusterStartupTimeout
 from ..slurm import SlurmAllocation
 from ._network import require_reachable, scheduler_host
-from ._processes import SIGNALLED_GRACE, pythonpath_env
 from ._resources import worker_flags, worker_threads
+from ._srun_step import SrunStep
 from .base import Cluster, Launcher
 
 logger = logging.getLogger("sulis_executor")
-
-#: Lines of the step's stderr kept for error messages.
-STDERR_TAIL = 30
 
 
 def min_workers_for(wait_for_workers: float | int | None, expected: int) -> int:
@@ -144,13 +140,13 @@ def _sigterm_watchdog(status: int) -> None:
         if not launchers:
             return  # every executor shut down: the script ends as it wishes
         elapsed = time.monotonic() - started
-        step_gone = any(launcher._step_ended() for launcher in launchers)
+        step_gone = any(launcher._step.ended() for launcher in launchers)
         if elapsed > SIGTERM_GRACE or (step_gone and elapsed > SIGTERM_GRACE_NO_STEP):
             break
         time.sleep(0.1)
     for launcher in launchers:
         try:
-            launcher._force_stop()
+            launcher._step.force_stop()
         except Exception:
             pass
     try:
@@ -190,15 +186,10 @@ class SrunLauncher(Launcher):
         # A unique step name lets close() find the step to scancel it, and
         # lets tests find stray processes.
         self.step_name = f"sulis-workers-{uuid.uuid4().hex[:8]}"
+        self._step = SrunStep(allocation.job_id, self.step_name)
         self._cluster: Any = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL)
-        self._stderr_thread: threading.Thread | None = None
         self._closed = False
         self._sigterm_installed = False
-        # Set once we signal the workers ourselves (terminate_workers):
-        # srun's reports of the tasks it kills are then no news.
-        self._signalled = False
 
     # -- SIGTERM ----------------------------------------------------------
 
@@ -265,20 +256,7 @@ class SrunLauncher(Launcher):
                            node_cpus(self.allocation))
         logger.info("starting %d workers on %d nodes: %s", self.allocation.ntasks * self._calls_per_task,
                     len(self.allocation.nodes), " ".join(command))
-        self._proc = subprocess.Popen(
-            command,
-            stdin=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=pythonpath_env(),
-            # Its own process group: a Ctrl-C meant for the script reaches
-            # srun only through close(), not twice.
-            start_new_session=True,
-        )
-        self._stderr_thread = threading.Thread(
-            target=self._pump_stderr, name="sulis-executor-srun-stderr", daemon=True
-        )
-        with leave_signals_to_main_thread():
-            self._stderr_thread.start()
+        self._step.start(command)
         try:
             # The credentials, made while the workers start (see DeferredSecurity).
             self._security = resolve_security(self._security)
@@ -287,7 +265,7 @@ class SrunLauncher(Launcher):
         finally:
             # Sent, or given up: the nodes read the end of their input
             # (they exit at once if nothing came before it).
-            self._end_input()
+            self._step.end_input()
         nodes = len(self.allocation.nodes)
         members = min_workers_for(options.wait_for_workers, self.allocation.ntasks * self._calls_per_task)
         # Every node's agent, but those only a fraction of workers need.
@@ -318,20 +296,7 @@ class SrunLauncher(Launcher):
         greeting: dict[str, Any] = {"scheduler": address, "authkey": process_authkey()}
         if self._security is not None:
             greeting["credentials"] = credentials_of(self._security)
-        assert self._proc is not None and self._proc.stdin is not None
-        try:
-            self._proc.stdin.write(json.dumps(greeting).encode() + b"\n")
-            self._proc.stdin.flush()
-        except OSError:
-            pass  # srun has exited: _wait_for_workers says why
-
-    def _end_input(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.stdin is not None:
-            try:
-                proc.stdin.close()
-            except OSError:
-                pass
+        self._step.write_input(json.dumps(greeting).encode() + b"\n")
 
     @property
     def description(self) -> str:
@@ -345,25 +310,6 @@ class SrunLauncher(Launcher):
         link: str = self._cluster.dashboard_link
         return link
 
-    def _pump_stderr(self) -> None:
-        # Pass srun's (and the workers') stderr through, keeping the tail
-        # for the error raised if the step ends early.
-        assert self._proc is not None and self._proc.stderr is not None
-        for raw in iter(self._proc.stderr.readline, b""):
-            line = raw.decode(errors="replace")
-            self._stderr_tail.append(line.rstrip("\n"))
-            if self._signalled and line.startswith("srun: "):
-                continue
-            try:
-                sys.stderr.write(line)
-            except (OSError, ValueError):
-                pass
-
-    def stderr_tail(self) -> str:
-        if self._stderr_thread is not None:
-            self._stderr_thread.join(2.0)
-        return "\n".join(self._stderr_tail) or "(no output on stderr)"
-
     def _worker_count(self) -> int:
         assert self._cluster is not None
         # Read the in-process scheduler directly: no round trip needed.
@@ -373,15 +319,14 @@ class SrunLauncher(Launcher):
         """Wait for ``minimum`` workers, failing fast if the step ends."""
         from .._versions import raise_if_refused
 
-        assert self._proc is not None
         while self._worker_count() < minimum:
             raise_if_refused(self._cluster.scheduler)
-            returncode = self._proc.poll()
+            returncode = self._step.returncode()
             if returncode is not None:
                 raise RuntimeError(
                     f"the srun step that starts the workers ({self.step_name}) exited with "
                     f"status {returncode} after {self._worker_count()} of {minimum} workers "
-                    f"connected; srun's stderr ends with:\n{self.stderr_tail()}"
+                    f"connected; srun's stderr ends with:\n{self._step.stderr_tail()}"
                 )
             if time.monotonic() > deadline:
                 raise ClusterStartupTimeout(
@@ -389,7 +334,7 @@ class SrunLauncher(Launcher):
                     f"connected within {self._options.timeout:g} s; check the job output for "
                     "worker errors, that nodes can reach the scheduler on the chosen interface "
                     "(interface=), or raise timeout=. srun's stderr so far:\n"
-                    + ("\n".join(self._stderr_tail) or "(nothing)")
+                    + self._step.stderr_so_far()
                 )
             time.sleep(0.05)
         raise_if_refused(self._cluster.scheduler)
@@ -397,39 +342,9 @@ class SrunLauncher(Launcher):
     # -- close ------------------------------------------------------------
 
     def signal_workers(self, signum: int) -> bool:
-        """Signal the step's tasks through SLURM (``scancel --signal``); if
-        the step cannot be found, signal srun, which passes a SIGTERM on to
-        them and, killed itself, has SLURM end the step."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return True
-        self._signalled = True
-        if not self._scancel("--quiet", f"--signal={signal.Signals(signum).name[3:]}"):
-            proc.send_signal(signum)
+        """Signal the step's tasks (see ``SrunStep.signal``)."""
+        self._step.signal(signum)
         return True
-
-    def _scancel(self, *flags: str) -> list[str]:
-        """Run ``scancel`` with ``flags`` on our step; return the step ids
-        found (none if squeue did not answer)."""
-        steps = self._step_ids()
-        for step in steps:
-            try:
-                subprocess.run(["scancel", *flags, step], capture_output=True, timeout=10, check=False)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-        return steps
-
-    def _step_ids(self) -> list[str]:
-        """``jobid.stepid`` of our step, found by its unique name."""
-        try:
-            out = subprocess.run(
-                ["squeue", "-h", "-s", "-j", self.allocation.job_id, "-o", "%i %j"],
-                capture_output=True, text=True, timeout=10, check=False,
-            ).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            return []
-        return [line.split()[0] for line in out.splitlines()
-                if len(line.split()) == 2 and line.split()[1] == self.step_name]
 
     def close(self, timeout: float) -> None:
         if self._closed:
@@ -445,54 +360,10 @@ class SrunLauncher(Launcher):
                 cluster.close(timeout=max(1.0, (deadline - time.monotonic()) / 2))
             except Exception:
                 logger.debug("error closing the scheduler", exc_info=True)
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            self._stop_step(proc, deadline)
-        if self._stderr_thread is not None:
-            self._stderr_thread.join(max(0.1, deadline - time.monotonic()))
+        self._step.stop(deadline)
         self._remove_sigterm_handler()
-
-    def _step_ended(self) -> bool:
-        proc = self._proc
-        return proc is not None and proc.poll() is not None
 
     def workers_gone(self) -> bool:
         """True once the worker step has ended while the executor is open:
         srun mode never replaces workers, so pending work can never finish."""
-        return not self._closed and self._step_ended()
-
-    def _force_stop(self) -> None:
-        """Cancel the step at once (the SIGTERM watchdog's last resort)."""
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        for step in self._step_ids():
-            subprocess.run(["scancel", step], capture_output=True, timeout=5, check=False)
-        try:
-            proc.wait(3.0)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-    def _stop_step(self, proc: subprocess.Popen[bytes], deadline: float) -> None:
-        """Wait for the step to end; past a share of the deadline, cancel it."""
-        graceful = max(1.0, (deadline - time.monotonic()) * 0.6)
-        if self._signalled:  # terminate_workers(): a worker mid-call gets no longer
-            graceful = SIGNALLED_GRACE
-        try:
-            proc.wait(graceful)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-        # Signalled already: SIGKILL now, not SLURM's SIGTERM, KillWait, SIGKILL.
-        steps = self._scancel(*(["--signal=KILL"] if self._signalled else []))
-        if not self._signalled:
-            logger.warning("workers of %s did not stop within %.1f s; cancelled step %s",
-                           self.step_name, graceful, ", ".join(steps) or "(not found)")
-        if not steps and proc.poll() is None:
-            # No squeue answer: srun aborts the step itself on SIGTERM.
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        return not self._closed and self._step.ended()
