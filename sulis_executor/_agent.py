@@ -10,8 +10,9 @@ a call that waits for Dask work it submitted never waits for a member.
 The executor's own batches never become Dask tasks (but those holding Dask
 data, which go as tasks annotated with :data:`POOL_EXECUTOR`, and so run in
 the members too, see ``_pool.PoolExecutor``): the executor's engine, in the scheduler's
-process, hands them to agents with free members on the agent's stream, and
-the agent passes them to the pool. On the same stream it reports, as they
+process, hands them to agents with free members (or, short ones, room in
+their pool's queue) on the agent's stream, and the agent passes them to the
+pool. On the same stream it reports, as they
 happen: its members (``members``), each batch's result (``done``), and
 each batch lost with the member that ran it (``lost``). So the scheduler
 handles a message per batch and per node, not per CPU, and the executor

@@ -82,7 +82,9 @@ class AgentTransport:
         return self._dispatch.batches()
 
     def withdraw(self, keys: set[str]) -> list[Batch]:
-        return self._dispatch.withdraw(keys)
+        withdrawn, handouts = self._dispatch.withdraw(keys)
+        self._send_handouts(handouts)
+        return withdrawn
 
     def clear(self) -> list[Batch]:
         return self._dispatch.clear()

@@ -32,10 +32,10 @@ class Call:
     which must happen exactly once per future.
     """
 
-    __slots__ = ("future", "kind", "body", "notified", "batch", "first_index", "timing")
+    __slots__ = ("future", "kind", "body", "notified", "batch", "first_index", "timing", "expected")
 
     def __init__(self, kind: str, body: Any, first_index: int = 0,
-                 timing: CallTiming | None = None) -> None:
+                 timing: CallTiming | None = None, expected: float | None = None) -> None:
         self.future: Future[Any] = Future()
         self.kind = kind
         self.body = body
@@ -45,6 +45,10 @@ class Call:
         # Set for the chunks of a map with an explicit chunksize: those
         # measured short travel together (see _take_batch_locked).
         self.timing = timing
+        # Seconds the call should take on a worker, when measured: an
+        # automatic map chunk's items times its map's seconds per item (the
+        # others are read from their timing, see expected_seconds).
+        self.expected = expected
 
     def notify(self) -> bool:
         """Move a pending future to RUNNING (True), or tell the waiters of a
@@ -100,7 +104,7 @@ class Batch:
     of an explicit ``chunksize``)."""
 
     __slots__ = ("batch_id", "kind", "calls", "dask_future", "name", "shared_keys", "pickled",
-                 "deaths", "fetching")
+                 "deaths", "fetching", "expected")
 
     def __init__(self, batch_id: str, kind: str, calls: list[Call], name: str) -> None:
         self.batch_id = batch_id
@@ -115,12 +119,36 @@ class Batch:
         self.deaths = 0
         # Its task finished, and its result is being fetched (see _tasks).
         self.fetching = False
+        # Seconds it should take on a worker, if every call was measured
+        # (see expected_seconds): a short one may wait in a node's pool.
+        self.expected: float | None = None
 
 
     def settle(self, error: BaseException) -> None:
         """Fail every call of the batch with ``error``."""
         for call in self.calls:
             call.set(error, error=True)
+
+def expected_seconds(calls: list[Call], call_timing: CallTiming) -> float | None:
+    """How long these calls should take together on a worker, from what
+    was measured (``call_timing``: the executor's submitted calls); ``None``
+    if any of them has not been measured yet."""
+    total = 0.0
+    for call in calls:
+        seconds: float | None
+        if call.expected is not None:
+            seconds = call.expected
+        elif call.timing is not None:  # a chunk of an explicit chunksize
+            seconds = call.timing.seconds
+        elif call.kind == _remote.CALLS:
+            seconds = call_timing.seconds
+        else:
+            seconds = None
+        if seconds is None:
+            return None
+        total += seconds
+    return total
+
 
 def rebuild_exception(error: BaseException, tb: str) -> BaseException:
     if tb:

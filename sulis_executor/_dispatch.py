@@ -11,12 +11,13 @@ and node, however many CPUs the node has.
 :class:`AgentDispatch` owns these batches from the moment they are offered
 until their result comes back (or they are withdrawn, or fail): those
 waiting (``ready``, oldest first) and those each node holds. It knows each
-node's members, so it never hands a node more batches than it has members
-to run them: a batch handed out starts at once, as a call handed to
-``ProcessPoolExecutor``'s worker does. A batch a node loses (its member
-died, or the whole node) waits again at the front, and fails as a dead
-worker's task does once workers died running it more often than Dask
-allows a task (``distributed.scheduler.allowed-failures``).
+node's members: a batch goes to a node with a free member, where it starts
+at once, or, if it is short, to a node with room in its pool's queue (see
+:data:`HELD_PER_MEMBER`), where it waits for the first member to finish.
+A batch a node loses (its member died, or the whole node) waits again at
+the front, and fails as a dead worker's task does once workers died running
+it more often than Dask allows a task
+(``distributed.scheduler.allowed-failures``).
 
 It is pure bookkeeping behind one lock: it sends nothing itself, but
 returns the handouts to send, per node, and what was settled.
@@ -36,6 +37,28 @@ Handout = tuple[str, str, Any, tuple[Any, ...], bool]
 #: Batches to send, per node (the agent's worker address).
 Handouts = dict[str, list[Handout]]
 
+#: Batches a node may hold per member of its pool: one running, and one
+#: waiting in the pool for the first member to finish, if it is short (see
+#: :data:`SHORT_BATCH_SECONDS`). Without the waiting one, each member idled
+#: for a round trip (member, pool, agent, this process and back) between
+#: batches, which grows with the members finishing together and the agents
+#: sharing CPUs: 128 members reached 0.62-0.83 of the ideal on 50 ms calls
+#: (docs/scaling.rst). ``ProcessPoolExecutor`` also keeps calls queued
+#: for its workers (``max_workers + 1``).
+HELD_PER_MEMBER = 2
+#: The longest a batch is expected to take (from measured calls) and still
+#: wait in a node's pool. A waiting batch cannot go to another node that
+#: frees up first: at the end of the work, a node may idle while another
+#: still has batches queued, for up to a batch's length. That is worth the
+#: round trip it saves only for short batches; longer ones, and calls not
+#: measured yet (which may be long), go only to a free member, so that
+#: every node takes them from the one queue here.
+SHORT_BATCH_SECONDS = 1.0
+
+
+def is_short(batch: Batch) -> bool:
+    return batch.expected is not None and batch.expected <= SHORT_BATCH_SECONDS
+
 
 class _Node:
     __slots__ = ("members", "held")
@@ -46,7 +69,22 @@ class _Node:
 
     @property
     def free(self) -> int:
+        """Members with nothing to run: a batch handed now starts at once."""
         return self.members - len(self.held)
+
+    @property
+    def room(self) -> int:
+        """Batches it may take now, short ones waiting in its pool."""
+        return HELD_PER_MEMBER * self.members - len(self.held)
+
+    def takes(self, batch: Batch) -> bool:
+        return (self.room if is_short(batch) else self.free) > 0
+
+    def running(self) -> list[Batch]:
+        """The batches its members are running, as far as can be told: the
+        pool runs them in the order handed, so the oldest held, one per
+        member (the rest wait in the pool)."""
+        return list(self.held.values())[:self.members]
 
 
 class AgentDispatch:
@@ -85,12 +123,13 @@ class AgentDispatch:
         with self._lock:
             return [*self._ready, *(b for node in self._nodes.values() for b in node.held.values())]
 
-    def withdraw(self, keys: set[str]) -> list[Batch]:
-        """Take back the batches among ``keys`` that no node holds yet."""
+    def withdraw(self, keys: set[str]) -> tuple[list[Batch], Handouts]:
+        """Take back the batches among ``keys`` that no node holds yet, and
+        hand out those that waited behind them."""
         with self._lock:
             withdrawn = [batch for batch in self._ready if batch.batch_id in keys]
             self._ready = collections.deque(b for b in self._ready if b.batch_id not in keys)
-        return withdrawn
+            return withdrawn, self._hand_out_locked()
 
     def clear(self) -> list[Batch]:
         """Forget every batch (the executor is broken, or closing): them all."""
@@ -132,13 +171,20 @@ class AgentDispatch:
             return failed, self._hand_out_locked()
 
     def node_lost(self, worker: str) -> tuple[list[Batch], Handouts]:
-        """A node left the cluster: what it held runs elsewhere, or fails."""
+        """A node left the cluster: what it held runs elsewhere, or fails.
+        A death counts only against the batches its members were running,
+        not those still waiting in its pool."""
         with self._lock:
             node = self._nodes.pop(worker, None)
-            if node is not None:
-                self._held -= len(node.held)
-                self._members -= node.members
-            failed = self._requeue_locked(list(node.held.values()) if node is not None else [])
+            if node is None:
+                return [], self._hand_out_locked()
+            self._held -= len(node.held)
+            self._members -= node.members
+            running = {batch.batch_id for batch in node.running()}
+            held = list(node.held.values())
+            waiting = [batch for batch in held if batch.batch_id not in running]
+            self._ready.extendleft(reversed(waiting))
+            failed = self._requeue_locked([batch for batch in held if batch.batch_id in running])
             return failed, self._hand_out_locked()
 
     # -- under the lock ----------------------------------------------------------
@@ -156,26 +202,33 @@ class AgentDispatch:
         return failed
 
     def _hand_out_locked(self) -> Handouts:
-        """Give waiting batches to nodes with free members, the freest first,
-        so that work spreads over the nodes."""
+        """Give waiting batches, oldest first, to nodes that take them (see
+        ``_Node.takes``), round the nodes from the freest, so that work
+        spreads over them. The oldest batch waits, and those behind it with
+        it, until some node takes it."""
         handouts: Handouts = {}
         if not self._ready:
             return handouts
-        free = sorted(((node.free, worker) for worker, node in self._nodes.items() if node.free > 0),
-                      reverse=True)
-        while self._ready and free:
-            still_free = []
-            for room, worker in free:
+        nodes = [(worker, node) for worker, node in self._nodes.items() if node.room > 0]
+        while self._ready and nodes:
+            nodes.sort(key=lambda entry: (entry[1].free, entry[1].room), reverse=True)
+            handed_any, still = False, []
+            for worker, node in nodes:
                 if not self._ready:
                     break
-                batch = self._ready.popleft()
-                self._nodes[worker].held[batch.batch_id] = batch
-                self._held += 1
-                assert batch.pickled is not None
-                handouts.setdefault(worker, []).append(
-                    (batch.batch_id, batch.kind, batch.pickled.payload, batch.pickled.handles,
-                     self._has_initializer))
-                if room > 1:
-                    still_free.append((room - 1, worker))
-            free = still_free
+                batch = self._ready[0]
+                if node.takes(batch):
+                    self._ready.popleft()
+                    node.held[batch.batch_id] = batch
+                    self._held += 1
+                    handed_any = True
+                    assert batch.pickled is not None
+                    handouts.setdefault(worker, []).append(
+                        (batch.batch_id, batch.kind, batch.pickled.payload, batch.pickled.handles,
+                         self._has_initializer))
+                if node.room > 0:
+                    still.append((worker, node))
+            if not handed_any:
+                break
+            nodes = still
         return handouts

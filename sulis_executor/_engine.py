@@ -117,7 +117,7 @@ class Engine:
                                           self._members_changed)
         self._in_flight = InFlight(self._tasks, self._agents, self._shared, self._call_timing,
                                    self._ran, self._broken_by_initializer, self._check_health)
-        self._packer = Packer(self._shared, inline_whole=self._agents is not None,
+        self._packer = Packer(self._shared, self._call_timing, inline_whole=self._agents is not None,
                               collector=lambda: self._collector)
         self._refresh_threads()
         self._collector = threading.Thread(
@@ -136,12 +136,15 @@ class Engine:
         return call.future
 
     def submit_chunks(self, fn: Any, chunks: list[tuple[list[Any], int]], star: bool,
-                      timing: CallTiming | None = None) -> list[Future[Any]]:
+                      timing: CallTiming | None = None,
+                      per_item: float | None = None) -> list[Future[Any]]:
         """Run ``fn`` over each ``(chunk, index of its first item)``
         (``fn(*item)`` if ``star``), each chunk as one batch, or, given the
         map's ``timing``, several short ones as one batch. Each result is
-        ``((values, error), seconds)``: see ``_remote._run_chunk``."""
-        calls = [Call(_remote.CHUNK, (fn, chunk, star), first, timing) for chunk, first in chunks]
+        ``((values, error), seconds)``: see ``_remote._run_chunk``.
+        ``per_item``: the map's measured seconds per item, if any."""
+        calls = [Call(_remote.CHUNK, (fn, chunk, star), first, timing,
+                      None if per_item is None else per_item * len(chunk)) for chunk, first in chunks]
         self._enqueue(calls)
         return [call.future for call in calls]
 

@@ -125,6 +125,12 @@ class ChunkSizer:
         return self.well_timed or in_flight < 2 * self._threads()
 
     @property
+    def seconds_per_item(self) -> float | None:
+        """The measured seconds per item, once a chunk came back (automatic
+        chunks only)."""
+        return self._seconds_per_item
+
+    @property
     def well_timed(self) -> bool:
         """Chunk sizes no longer depend on the next timing."""
         return self._fixed is not None or self._well_timed

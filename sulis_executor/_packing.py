@@ -13,15 +13,16 @@ from collections.abc import Callable
 
 import cloudpickle
 
-from ._calls import Batch, Call, function_name, pickling_error
+from ._calls import Batch, Call, CallTiming, expected_seconds, function_name, pickling_error
 from ._shared import Pickled, SharedBuffers
 from .errors import BrokenSulisExecutor
 
 
 class Packer:
-    def __init__(self, shared: SharedBuffers, inline_whole: bool,
+    def __init__(self, shared: SharedBuffers, call_timing: CallTiming, inline_whole: bool,
                  collector: Callable[[], threading.Thread | None]) -> None:
         self._shared = shared
+        self._call_timing = call_timing  # the executor's submitted calls' (see expected_seconds)
         # Runners of the nodes' pools read no Dask data: a large batch is
         # shared through a buffer, never "as a whole" by Dask (see _shared).
         self._inline_whole = inline_whole
@@ -55,6 +56,7 @@ class Packer:
                 return None
             return self.pack(good) if good else None
         batch.shared_keys = pickled.keys
+        batch.expected = expected_seconds(calls, self._call_timing)
         for call in calls:
             call.batch = batch
         return batch, pickled

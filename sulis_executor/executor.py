@@ -272,7 +272,7 @@ class SulisDaskExecutor(Executor):
                           star: bool) -> list[Future[Any]]:
             with lifetime.lock:
                 lifetime.check_usable()
-                return engine.submit_chunks(fn, chunks, star, timing)
+                return engine.submit_chunks(fn, chunks, star, timing, sizer.seconds_per_item)
 
         fixed = None if chunksize is AUTO_CHUNKSIZE else chunksize
         # Chunks of the caller's size may travel together once measured
@@ -290,7 +290,7 @@ class SulisDaskExecutor(Executor):
                         star: bool) -> list[Future[Any]]:
             # Shutdown finishing the map: as ProcessPoolExecutor's map, it
             # submits every call, even once new work is refused.
-            return engine.submit_chunks(fn, chunks, star, timing)
+            return engine.submit_chunks(fn, chunks, star, timing, sizer.seconds_per_item)
 
         # A map given buffersize submits only as it is read, as CPython's: not finished.
         finish = None if buffersize is not None else (self._maps.add, submit_rest)
