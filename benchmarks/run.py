@@ -127,6 +127,10 @@ def _kill_tree(proc):
     for child in children:  # anything that left the process group
         with contextlib.suppress(psutil.Error):
             child.kill()
+    # Killed is not yet gone: until the kernel has torn a process down, its
+    # memory maps still show, and an MPICH segment it mapped would look in
+    # use to _remove_orphaned_segments (the smoke test saw one left behind).
+    psutil.wait_procs(children, timeout=10)
 
 
 #: MPICH's ranks share memory through files here; ranks killed at the

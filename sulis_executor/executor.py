@@ -131,12 +131,15 @@ class SulisDaskExecutor(Executor):
         existing = find_existing_cluster(os.environ)
         self._mode, reason = choose_launch_mode(self._options, os.environ, existing)
         logger.info("launch mode %r: %s", self._mode, reason)
-        if self._options.max_tasks_per_child is not None and self._mode != "local":
+        # Members are replaced by whoever forked them: the fork server (local)
+        # or the node process of the srun step. MPI ranks, and workers of a
+        # cluster someone else started, cannot be.
+        if self._options.max_tasks_per_child is not None and self._mode not in ("local", "srun"):
             source = self._options.sources.get("max_tasks_per_child", "argument max_tasks_per_child=")
             raise ValueError(
-                f"max_tasks_per_child needs a local cluster, whose worker processes the "
-                f"executor can replace; in {self._mode!r} mode ({reason}) the workers are "
-                f"fixed. Unset it ({source}), or use launch='local'"
+                f"max_tasks_per_child needs worker processes the executor can replace "
+                f"(launch='local' or 'srun'); in {self._mode!r} mode ({reason}) the workers are "
+                f"fixed. Unset it ({source}), or use launch='local' or launch='srun'"
             )
         # Opened first: a file that is not a journal fails before any process starts.
         self._journal = (None if self._options.journal is None

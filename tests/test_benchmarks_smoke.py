@@ -85,7 +85,24 @@ def test_an_mpi4py_run_killed_at_its_timeout_leaves_no_shared_memory_behind():
     # shared memory in use.
     record = run_child("mpi4py", "sleep", 200, 2, timeout=3)
     assert record["status"] == "timeout", record
-    assert _mpich_segments() - before == set()
+    left = _mpich_segments() - before
+    assert left == set(), f"left behind: {sorted(map(str, left))}; mapped by: {mapped_by(left)}"
+
+
+def mapped_by(paths) -> dict[str, list[str]]:
+    """Which processes map or hold open each of ``paths`` (to tell a
+    segment of ours left behind from another MPI program's new one)."""
+    import psutil
+
+    holders: dict[str, list[str]] = {str(path): [] for path in paths}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            held = {m.path for m in proc.memory_maps(grouped=True)} | {f.path for f in proc.open_files()}
+        except psutil.Error:
+            continue
+        for path in holders.keys() & held:
+            holders[path].append(f"{proc.info['pid']} {' '.join(proc.info['cmdline'] or [])[:120]}")
+    return holders
 
 
 @pytest.mark.timeout(120)

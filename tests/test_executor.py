@@ -227,9 +227,9 @@ def test_a_worker_leaving_after_max_tasks_per_child_never_makes_a_call_run_twice
     assert sorted(Path(path).read_text().split()) == sorted([str(i) for i in range(10)] + list("abcdef"))
 
 
-def test_max_tasks_per_child_outside_a_local_cluster_fails_at_once_naming_it(scheduler_address):
+def test_max_tasks_per_child_on_workers_it_cannot_replace_fails_at_once_naming_it(scheduler_address):
     started = time.monotonic()
-    with pytest.raises(ValueError, match="max_tasks_per_child needs a local cluster"):
+    with pytest.raises(ValueError, match="max_tasks_per_child needs worker processes the executor can replace"):
         SulisDaskExecutor(address=scheduler_address, max_tasks_per_child=5)
     assert time.monotonic() - started < 5
 

@@ -5,8 +5,11 @@
   constructor at once with srun's stderr in the error, not after the timeout.
 * mpi: if rank 0 dies, the worker ranks do not hang: they give up after
   their death timeout and exit, and the job ends.
+* srun with ``max_tasks_per_child``: each worker process runs at most that
+  many tasks, and the node's process starts a fresh one in its place, as
+  ``ProcessPoolExecutor`` does.
 
-Scripts are written to ``tmp_path``; both jobs run at the same time.
+Scripts are written to ``tmp_path``; the jobs run at the same time.
 """
 
 from __future__ import annotations
@@ -72,6 +75,21 @@ os._exit(3)  # rank 0 dies without shutting anything down
 '''
 
 
+SRUN_MAX_TASKS = '''
+import os
+from _common import report
+from sulis_executor import SulisDaskExecutor
+
+with SulisDaskExecutor(max_tasks_per_child=2) as ex:
+    workers = ex.num_workers
+    # Submitted at once: each call is still a task of its own.
+    pids = [f.result(timeout=120) for f in [ex.submit(os.getpid) for _ in range(30)]]
+    squares = list(ex.map(pow, range(40), [2] * 40, chunksize=4))
+    after = [ex.submit(os.getpid).result(timeout=120) for _ in range(6)]
+report(workers=workers, pids=pids, after=after, ok=squares == [i * i for i in range(40)])
+'''
+
+
 def batch_script(path: Path, body: str) -> Path:
     path.write_text("#!/bin/bash\n" + textwrap.dedent(body))
     return path
@@ -87,6 +105,14 @@ def submitted(slurm_conf: str, tmp_path_factory: pytest.TempPathFactory) -> dict
         "$PYTHON" lifecycle.py
     """)
     jobs["srun"] = submit(script, srun_dir, slurm_conf, *JOB_SHAPE)
+
+    max_tasks_dir = tmp_path_factory.mktemp("srun-max-tasks")
+    (max_tasks_dir / "max_tasks.py").write_text(SRUN_MAX_TASKS)
+    script = batch_script(max_tasks_dir / "job.sbatch", """
+        export PYTHONPATH="$EXAMPLES_DIR:$PYTHONPATH"   # for _common
+        "$PYTHON" max_tasks.py
+    """)
+    jobs["max_tasks"] = submit(script, max_tasks_dir, slurm_conf, *JOB_SHAPE)
 
     mpi_dir = tmp_path_factory.mktemp("mpi-rank0-dies")
     (mpi_dir / "dies.py").write_text(MPI_RANK0_DIES)
@@ -111,6 +137,19 @@ def test_srun_step_ends_with_the_executor_and_early_exit_is_reported(
     assert "srun step that starts the workers" in early and "exited with status" in early, early
     assert "srun: error" in early or "sulis_executor.worker" in early, early
     assert result["early_seconds"] < 30, job.describe()  # type: ignore[operator]
+
+
+def test_srun_worker_processes_are_replaced_after_max_tasks_per_child(
+        submitted: dict[str, Job]) -> None:
+    job = finished_cleanly(submitted["max_tasks"])
+    result = result_line(job)
+    assert result["ok"] is True and result["workers"] == 6, job.describe()
+    pids = list(result["pids"]) + list(result["after"])  # type: ignore[call-overload]
+    runs = {pid: pids.count(pid) for pid in set(pids)}
+    assert max(runs.values()) <= 2, f"a worker process ran more than 2 tasks: {runs}"
+    # 36 calls at 2 each: at least 18 processes, and still 6 at work at the end.
+    assert len(runs) >= 18, runs
+    assert len(result["after"]) == 6, job.describe()  # type: ignore[arg-type]
 
 
 @pytest.mark.mpi
