@@ -5,6 +5,7 @@
     python -m benchmarks.scale --quick     # the CI variant: smaller sizes, fewer shapes
     python -m benchmarks.scale --local     # local only (or --srun: srun only)
     python -m benchmarks.scale --shapes 128,16x8   # only these sizes (local n, srun NxC)
+    python -m benchmarks.scale --repeats 5         # runs per cell (3; quick: 1)
 
 Every measurement runs in a fresh process (``--child``), as in
 ``benchmarks.run``. Local mode: ``SulisDaskExecutor(max_workers=n)`` and
@@ -25,7 +26,9 @@ behind (every process the run started carries a marker in its environment).
 workers, fork servers) use over 10 s with nothing to do, as a fraction of
 one core.
 
-Results go to ``benchmarks/results/scale.{json,md,png}`` (``--quick``:
+Each cell is the median of ``--repeats`` runs (the local pair interleaved,
+ours then PPE, run after run; each srun run on a cluster started for it);
+``scale.json`` keeps every run. Results go to ``benchmarks/results/scale.{json,md,png}`` (``--quick``:
 ``benchmarks/results/quick/``), with the commit. Timings are reported, never
 asserted: these machines are noisy, and the targets are read off the table.
 """
@@ -36,6 +39,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -198,6 +202,28 @@ def _left_behind(marker: str, grace: float = 10.0) -> list[int]:
     return left
 
 
+def median_record(records: list[dict[str, object]]) -> dict[str, object]:
+    """One record standing for several runs of a cell: each figure's median.
+    What any run reported as wrong is kept (its error, its stderr, the most
+    processes it left behind), so a bad run cannot hide behind good ones."""
+    if len(records) == 1:
+        return records[0]
+    merged: dict[str, object] = {}
+    for key in sorted(set().union(*records)):
+        values = [record[key] for record in records if key in record]
+        if key == "stderr":
+            merged[key] = "\n".join(str(v) for v in values if str(v).strip())
+        elif key == "left_behind":
+            merged[key] = max(values)  # type: ignore[type-var]
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            merged[key] = statistics.median_low(values)  # type: ignore[type-var]  # counts stay whole
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            merged[key] = statistics.median(values)  # type: ignore[type-var]
+        else:
+            merged[key] = values[0]
+    return merged
+
+
 def run_local(kind: str, workers: int, sizes: dict[str, float], timeout: float) -> dict[str, object]:
     marker = uuid.uuid4().hex
     env = dict(os.environ, **{MARKER_VARIABLE: marker}, PYTHONPATH=str(ROOT),
@@ -310,14 +336,22 @@ def _flags(record: dict[str, object]) -> str:
     return "; ".join(notes) or "clean"
 
 
+def _shape_order(item: tuple[str, object]) -> tuple[int, int]:
+    """``"16x8"`` sorts by its workers, then its nodes."""
+    nodes, cpus = map(int, item[0].split("x"))
+    return nodes * cpus, nodes
+
+
 def markdown(results: dict[str, object]) -> str:
-    lines = [f"# Scale benchmark ({results['commit']}, {results['when']})", ""]
+    lines = [f"# Scale benchmark ({results['commit']}, {results['when']})", "",
+             f"Each cell: the median of {results.get('repeats', 1)} run(s); "
+             "`scale.json` has every run.", ""]
     local = results.get("local") or {}
     if local:
         lines += ["## Local mode: ours (ProcessPoolExecutor)", "",
                   "| n | " + " | ".join(label for _, label, _ in FIGURES) + " | ours: output and processes |",
                   "|---" * (len(FIGURES) + 2) + "|"]
-        for n, pair in local.items():  # type: ignore[union-attr]
+        for n, pair in sorted(local.items(), key=lambda item: int(item[0])):  # type: ignore[union-attr]
             cells = [f"{_cell(pair['sulis'], k, f)} ({_cell(pair.get('ppe'), k, f)})" for k, _, f in FIGURES]
             lines.append(f"| {n} | " + " | ".join(cells) + f" | {_flags(pair['sulis'])} |")
         lines.append("")
@@ -326,7 +360,7 @@ def markdown(results: dict[str, object]) -> str:
         lines += ["## srun mode (plain `python` in the batch script, --cpus-per-task=1)", "",
                   "| nodes x tasks | workers | " + " | ".join(label for _, label, _ in FIGURES) + " | output and processes |",
                   "|---" * (len(FIGURES) + 3) + "|"]
-        for shape, record in srun.items():  # type: ignore[union-attr]
+        for shape, record in sorted(srun.items(), key=_shape_order):  # type: ignore[union-attr]
             cells = [_cell(record, k, f) for k, _, f in FIGURES]
             lines.append(f"| {shape} | {record.get('workers_seen', '-')} | " + " | ".join(cells)
                          + f" | {_flags(record)} |")
@@ -385,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--srun", action="store_true", help="srun mode only")
     parser.add_argument("--out", type=Path, default=None, help="results directory")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per cell (3; quick: 1)")
     parser.add_argument("--shapes", default=None,
                         help="only these sizes, comma-separated: local n (128), srun NODESxCPUS (16x8)")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "WORKERS"), help=argparse.SUPPRESS)
@@ -401,16 +436,26 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, object] = {"commit": checkout_commit(), "when": time.strftime("%Y-%m-%d %H:%M"),
                                   "sizes": sizes, "local": {}, "srun": {}}
+    repeats = args.repeats or (1 if args.quick else 3)
+    results["repeats"] = repeats
+    runs: dict[str, list[dict[str, object]]] = {}
+    results["runs"] = runs
     if not args.srun:
         for n in plan["local"]:  # type: ignore[attr-defined]
-            pair = {kind: run_local(kind, n, sizes, args.timeout) for kind in ("sulis", "ppe")}
+            for _ in range(repeats):
+                for kind in ("sulis", "ppe"):
+                    runs.setdefault(f"local {n} {kind}", []).append(run_local(kind, n, sizes, args.timeout))
+            pair = {kind: median_record(runs[f"local {n} {kind}"]) for kind in ("sulis", "ppe")}
             results["local"][str(n)] = pair  # type: ignore[index]
             print(f"local n={n}: ours {pair['sulis']}\n  PPE {pair['ppe']}", flush=True)
     if not args.local:
         for nodes, cpus in plan["srun"]:  # type: ignore[attr-defined]
-            record = run_srun(nodes, cpus, sizes, args.timeout, out / "jobs")
-            results["srun"][f"{nodes}x{cpus}"] = record  # type: ignore[index]
-            print(f"srun {nodes}x{cpus}: {record}", flush=True)
+            name = f"{nodes}x{cpus}"
+            runs[f"srun {name}"] = [run_srun(nodes, cpus, sizes, args.timeout, out / "jobs")
+                                    for _ in range(repeats)]
+            record = median_record(runs[f"srun {name}"])
+            results["srun"][name] = record  # type: ignore[index]
+            print(f"srun {name}: {record}", flush=True)
     (out / "scale.json").write_text(json.dumps(results, indent=1, sort_keys=True))
     (out / "scale.md").write_text(markdown(results))
     plot(results, out / "scale.png")
