@@ -97,22 +97,18 @@ def batch_script(path: Path, body: str) -> Path:
 
 @pytest.fixture(scope="module")
 def submitted(slurm_conf: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Job]:
-    jobs = {}
-    srun_dir = tmp_path_factory.mktemp("srun-lifecycle")
-    (srun_dir / "lifecycle.py").write_text(SRUN_LIFECYCLE)
-    script = batch_script(srun_dir / "job.sbatch", """
-        export PYTHONPATH="$EXAMPLES_DIR:$PYTHONPATH"   # for _common
-        "$PYTHON" lifecycle.py
-    """)
-    jobs["srun"] = submit(script, srun_dir, slurm_conf, *JOB_SHAPE)
+    def plain_python_job(name: str, source: str) -> Job:
+        """``source`` run as a batch script's plain ``python`` (srun mode)."""
+        directory = tmp_path_factory.mktemp(name)
+        (directory / "job.py").write_text(source)
+        script = batch_script(directory / "job.sbatch", """
+            export PYTHONPATH="$EXAMPLES_DIR:$PYTHONPATH"   # for _common
+            "$PYTHON" job.py
+        """)
+        return submit(script, directory, slurm_conf, *JOB_SHAPE)
 
-    max_tasks_dir = tmp_path_factory.mktemp("srun-max-tasks")
-    (max_tasks_dir / "max_tasks.py").write_text(SRUN_MAX_TASKS)
-    script = batch_script(max_tasks_dir / "job.sbatch", """
-        export PYTHONPATH="$EXAMPLES_DIR:$PYTHONPATH"   # for _common
-        "$PYTHON" max_tasks.py
-    """)
-    jobs["max_tasks"] = submit(script, max_tasks_dir, slurm_conf, *JOB_SHAPE)
+    jobs = {"srun": plain_python_job("srun-lifecycle", SRUN_LIFECYCLE),
+            "max_tasks": plain_python_job("srun-max-tasks", SRUN_MAX_TASKS)}
 
     mpi_dir = tmp_path_factory.mktemp("mpi-rank0-dies")
     (mpi_dir / "dies.py").write_text(MPI_RANK0_DIES)
