@@ -129,6 +129,7 @@ class Batch:
         for call in self.calls:
             call.set(error, error=True)
 
+
 def expected_seconds(calls: list[Call], call_timing: CallTiming) -> float | None:
     """How long these calls should take together on a worker, from what
     was measured (``call_timing``: the executor's submitted calls); ``None``
