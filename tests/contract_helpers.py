@@ -7,6 +7,7 @@ processes of both executors can unpickle them by reference.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
@@ -84,9 +85,14 @@ def sleep_then_return(seconds: float, value):
 
 
 def sleep_then_print(seconds: float, word: str) -> None:
-    """Print ``word`` on the worker's stdout, which is the script's, after ``seconds``."""
+    """Print ``word`` on the worker's stdout, which is the script's, after ``seconds``.
+
+    One write of the whole line: ``print`` writes the word and the newline
+    separately, and with ``PYTHONUNBUFFERED`` set (as it is on these machines)
+    two workers printing at once interleaved them ("bananaapple", "")."""
     time.sleep(seconds)
-    print(word, flush=True)
+    sys.stdout.write(f"{word}\n")
+    sys.stdout.flush()
 
 
 def record(path: str, value=None):

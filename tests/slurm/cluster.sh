@@ -345,17 +345,21 @@ start() {
         die "a cluster without network namespaces (an older cluster.sh) runs in $STATE_DIR;" \
             "stop it with the cluster.sh that started it, or choose another SULIS_SLURM_DIR"
     fi
-    local t0=$SECONDS
+    local t0=$SECONDS started=0
     mkdir -p "$STATE_DIR"/{ctld,log,spool}
     chmod 0755 "$STATE_DIR"
     setup_network
     start_munge
     write_slurm_conf
     if ! pid_alive "$STATE_DIR/slurmctld.pid"; then
-        # -i: ignore (possibly stale) saved state from a previous run; this
-        # also means jobs from a previous cluster are forgotten.
-        in_ns "$CTLD_NS" slurmctld -i \
+        # -c: clear the state saved by a previous run, its jobs included.
+        # A cluster stopped while a job ran (a test session that ended
+        # before its jobs did) otherwise comes back with that job on its
+        # nodes, "mixed" rather than idle, for minutes. -i: and ignore
+        # errors reading what state is left.
+        in_ns "$CTLD_NS" slurmctld -c -i \
             || die "slurmctld failed; see $STATE_DIR/log/slurmctld.log"
+        started=1
     fi
     local n
     for n in "${NODES[@]}"; do
@@ -363,9 +367,16 @@ start() {
         mkdir -p "$STATE_DIR/spool/$n"
         in_ns "$NETNS_PREFIX-$n" slurmd -N "$n" \
             || die "slurmd -N $n failed; see $STATE_DIR/log/slurmd.$n.log"
+        started=1
     done
     if ! wait_for "$START_TIMEOUT" all_idle; then
         SLURM_CONF=$CONF in_login sinfo -N -l >&2 || true
+        # Nobody would stop the daemons this start began (the caller sees a
+        # failure, not a cluster): stop them. One found running is left.
+        if (( started )); then
+            stop >&2 || true
+            die "nodes not idle after ${START_TIMEOUT}s; logs in $STATE_DIR/log (stopped again)"
+        fi
         die "nodes not idle after ${START_TIMEOUT}s; logs in $STATE_DIR/log"
     fi
     log "$NODE_COUNT nodes idle after $((SECONDS - t0))s"
