@@ -80,12 +80,6 @@ class _Node:
     def takes(self, batch: Batch) -> bool:
         return (self.room if is_short(batch) else self.free) > 0
 
-    def running(self) -> list[Batch]:
-        """The batches its members are running, as far as can be told: the
-        pool runs them in the order handed, so the oldest held, one per
-        member (the rest wait in the pool)."""
-        return list(self.held.values())[:self.members]
-
 
 class AgentDispatch:
     """The batches for agents: waiting, and held by each node."""
@@ -180,11 +174,13 @@ class AgentDispatch:
                 return [], self._hand_out_locked()
             self._held -= len(node.held)
             self._members -= node.members
-            running = {batch.batch_id for batch in node.running()}
+            # Its members were running the oldest it held, one each, as far
+            # as can be told (the pool runs batches in the order handed);
+            # the rest waited in its pool.
             held = list(node.held.values())
-            waiting = [batch for batch in held if batch.batch_id not in running]
+            running, waiting = held[:node.members], held[node.members:]
             self._ready.extendleft(reversed(waiting))
-            failed = self._requeue_locked([batch for batch in held if batch.batch_id in running])
+            failed = self._requeue_locked(running)
             return failed, self._hand_out_locked()
 
     # -- under the lock ----------------------------------------------------------

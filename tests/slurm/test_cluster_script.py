@@ -15,13 +15,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.slurm.jobs import CLUSTER_SH
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
 
@@ -31,14 +31,8 @@ def cluster(env: dict[str, str], *args: str, timeout: float = 180) -> subprocess
                           timeout=timeout)
 
 
-def wait_for_running(env: dict[str, str], job_id: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        state = cluster(env, "run", "squeue", "-h", "-j", job_id, "-o", "%T").stdout.strip()
-        if state == "RUNNING":
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} did not start within {timeout} s")
+def job_state(env: dict[str, str], job_id: str) -> str:
+    return cluster(env, "run", "squeue", "-h", "-j", job_id, "-o", "%T").stdout.strip()
 
 
 def test_a_cluster_stopped_while_a_job_ran_starts_again_idle_and_without_it() -> None:
@@ -54,7 +48,7 @@ def test_a_cluster_stopped_while_a_job_ran_starts_again_idle_and_without_it() ->
         submitted = cluster(env, "run", "sbatch", "--parsable", "--nodes=1", "--wrap", "sleep 300")
         assert submitted.returncode == 0, submitted.stderr
         job_id = submitted.stdout.strip().split(";")[0]
-        wait_for_running(env, job_id)
+        wait_until(lambda: job_state(env, job_id) == "RUNNING", 60, f"job {job_id} to start")
         assert cluster(env, "stop").returncode == 0
 
         again = cluster(env, "start")
